@@ -1,0 +1,23 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Custom components of the BraTS knowledge-distillation bundle, reached from the configs as ``scripts.<module>``.
+
+Submodules are imported on first attribute access, so ``"$import scripts"`` in a config is enough to use
+``scripts.brats_data.build_splits`` while command-line tools such as ``python -m scripts.synthetic_brats`` start
+without importing MONAI.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+def __getattr__(name: str) -> ModuleType:
+    if name.startswith("_"):
+        raise AttributeError(name)
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from e

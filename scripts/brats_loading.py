@@ -1,0 +1,135 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Loading of one BraTS case (any supported release) into a checked multi-channel image and internal labels."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, MapTransform
+
+from scripts.brats_data import LABEL_MAPS, BraTSDataError
+
+__all__ = ["LoadBraTSCased", "map_release_labels"]
+
+AFFINE_ATOL = 1e-3
+
+
+def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id: str, path: str) -> np.ndarray:
+    """Map a release's label values to the internal convention (0 bg, 1 necrotic core, 2 edema, 3 enhancing).
+
+    Args:
+        label: label volume with the values of ``layout``'s release.
+        layout: one of the keys of ``LABEL_MAPS``.
+        num_classes: 4 keeps the internal classes, 2 merges every tumour label into whole tumour (1).
+        case_id: case id, for error messages.
+        path: label file, for error messages.
+
+    Returns:
+        a uint8 volume of internal labels.
+
+    Raises:
+        BraTSDataError: if the volume holds values outside the release's label set, or ``num_classes`` is not 2 or 4.
+    """
+    if num_classes not in (2, 4):
+        raise BraTSDataError(f"num_classes must be 2 (whole tumour) or 4 (BraTS classes), got {num_classes}.")
+    mapping = LABEL_MAPS[layout]
+    values = np.unique(label)
+    unexpected = [int(v) if float(v).is_integer() else float(v) for v in values if v not in mapping]
+    if unexpected:
+        raise BraTSDataError(
+            f"case {case_id}: label file {path} holds values {unexpected} outside the {layout} label set "
+            f"{sorted(mapping)}."
+        )
+    lut = np.zeros(max(mapping) + 1, dtype=np.uint8)
+    for release_value, internal_value in mapping.items():
+        lut[release_value] = internal_value
+    internal = lut[label.astype(np.int64)]
+    return (internal > 0).astype(np.uint8) if num_classes == 2 else internal
+
+
+class LoadBraTSCased(MapTransform):
+    """Load one datalist case (from ``scripts.brats_data``) into a checked image and an internal label map.
+
+    The case's sequence files (or the requested channels of an MSD 4D file) are stacked into a channel-first
+    ``MetaTensor`` carrying the first file's affine. Every file is checked: readable, same shape and affine as the
+    others, finite voxel values; the label's values must belong to the release's label set and are mapped to the
+    internal convention by :func:`map_release_labels`.
+
+    Args:
+        keys: the image key and, optionally, the label key, in this order.
+        num_classes: 4 for the BraTS classes, 2 for whole tumour.
+        allow_missing_keys: whether a case without a label (inference) is accepted.
+
+    Raises:
+        BraTSDataError: naming the case and the file, for an unreadable file, a shape or affine mismatch,
+            non-finite voxels or unexpected label values.
+    """
+
+    def __init__(
+        self, keys: KeysCollection = ("image", "label"), num_classes: int = 4, allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.num_classes = num_classes
+        self.reader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
+
+    def _read(self, path: str, case_id: str) -> MetaTensor:
+        try:
+            return self.reader(path)
+        except Exception as e:
+            raise BraTSDataError(f"case {case_id}: cannot read {path}: {e}") from e
+
+    def _load_image(self, case: Mapping[Hashable, Any], key: Hashable) -> MetaTensor:
+        case_id = case["case_id"]
+        paths = case[key]
+        if isinstance(paths, str):  # MSD: one 4D file, channels selected by the datalist
+            volume = self._read(paths, case_id)
+            indices = list(case["channel_indices"])
+            if volume.shape[0] <= max(indices):
+                raise BraTSDataError(
+                    f"case {case_id}: {paths} has {volume.shape[0]} channels, channels {indices} were requested."
+                )
+            volumes, paths = [volume[i : i + 1] for i in indices], [paths] * len(indices)
+        else:
+            volumes = [self._read(p, case_id) for p in paths]
+        reference, reference_path = volumes[0], paths[0]
+        for volume, path in zip(volumes, paths):
+            self._check_geometry(volume, reference, case_id, path, reference_path)
+            if not torch.isfinite(volume).all():
+                raise BraTSDataError(f"case {case_id}: {path} holds NaN or infinite voxel values.")
+        image = torch.cat([v.as_tensor() for v in volumes], dim=0)
+        return MetaTensor(image, meta=reference.meta)
+
+    @staticmethod
+    def _check_geometry(volume: MetaTensor, reference: MetaTensor, case_id: str, path: str, reference_path: str):
+        if volume.shape[1:] != reference.shape[1:]:
+            raise BraTSDataError(
+                f"case {case_id}: {path} has shape {list(volume.shape[1:])} but {reference_path} has "
+                f"{list(reference.shape[1:])}."
+            )
+        if not np.allclose(volume.affine.numpy(), reference.affine.numpy(), atol=AFFINE_ATOL):
+            raise BraTSDataError(
+                f"case {case_id}: {path} has a different affine from {reference_path}:\n"
+                f"{volume.affine.numpy()}\nvs\n{reference.affine.numpy()}"
+            )
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        key_iter = self.key_iterator(d)
+        image_key = next(key_iter)
+        d[image_key] = self._load_image(d, image_key)
+        for label_key in key_iter:
+            path = d[label_key]
+            label = self._read(path, d["case_id"])
+            self._check_geometry(label, d[image_key], d["case_id"], path, _first_path(data[image_key]))
+            internal = map_release_labels(label.numpy(), d["layout"], self.num_classes, d["case_id"], path)
+            d[label_key] = MetaTensor(torch.from_numpy(internal), meta=label.meta)
+        return d
+
+
+def _first_path(paths: str | Sequence[str]) -> str:
+    return paths if isinstance(paths, str) else paths[0]

@@ -1,0 +1,147 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Logit knowledge-distillation loss: the teacher's supervised loss blended with a temperature-scaled KL term."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["DistillationLoss"]
+
+MODES = ("softmax", "sigmoid")
+
+
+class DistillationLoss(_Loss):
+    """Supervised Dice + cross-entropy blended with a per-pixel knowledge-distillation (KD) term.
+
+    The loss is ``(1 - kd_weight) * supervised(student, label) + kd_weight * T**2 * KD`` (Hinton et al., 2015).
+    ``KD`` is the KL divergence from the teacher's to the student's temperature-softened predictions, summed over
+    the channel dimension and averaged over pixels and batch, so that its scale depends neither on the number of
+    classes being averaged nor on the image size. ``T**2`` keeps the gradient magnitude comparable across
+    temperatures: the gradient of the KD part with respect to a student logit is
+    ``T * (p_student - p_teacher) / (number of pixels in the batch)``.
+
+    In ``"softmax"`` mode channels are mutually exclusive classes: ``KD = KL(softmax(t / T) || softmax(s / T))``
+    along ``dim=1``, and the label holds class indices of shape (N, 1, *spatial). In ``"sigmoid"`` mode channels are
+    overlapping regions (e.g. WT, TC, ET): ``KD`` is the sum over channels of the Bernoulli KL between
+    ``sigmoid(t / T)`` and ``sigmoid(s / T)``, and the label holds binary region channels of the logits' shape.
+
+    Args:
+        temperature: softening temperature ``T``, finite and > 0.
+        kd_weight: weight of the KD term in [0, 1]; 0 gives exactly the supervised loss, 1 the KD term alone.
+        mode: ``"softmax"`` (exclusive classes) or ``"sigmoid"`` (overlapping regions).
+        supervised: the supervised loss, called as ``supervised(student_logits, label)``. Defaults to the loss the
+            teacher is trained with: ``DiceCELoss(to_onehot_y=True, softmax=True)`` in softmax mode,
+            ``DiceCELoss(sigmoid=True)`` in sigmoid mode.
+
+    Raises:
+        ValueError: if ``temperature``, ``kd_weight`` or ``mode`` is out of range.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 2.0,
+        kd_weight: float = 0.5,
+        mode: str = "softmax",
+        supervised: torch.nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}.")
+        if not 0 <= kd_weight <= 1:
+            raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+        self.temperature = float(temperature)
+        self.kd_weight = float(kd_weight)
+        self.mode = mode
+        if supervised is None:
+            supervised = DiceCELoss(to_onehot_y=True, softmax=True) if mode == "softmax" else DiceCELoss(sigmoid=True)
+        self.supervised = supervised
+
+    def kd_term(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The ``T**2``-scaled KD term alone, as used in :meth:`forward` (also useful for logging).
+
+        The computation runs in at least float32, whatever the precision of the inputs (e.g. a float16 teacher run
+        under autocast); the teacher logits are detached.
+
+        Args:
+            student_logits: student logits of shape (N, C, *spatial).
+            teacher_logits: teacher logits of the same shape.
+            mask: optional (N, 1, *spatial) bool or float weights restricting the average to e.g. brain pixels:
+                ``sum(kl * mask) / max(sum(mask), 1)``, where ``kl`` is the per-pixel KL summed over channels.
+
+        Returns:
+            scalar tensor ``T**2 * KD``.
+
+        Raises:
+            ValueError: if the teacher and student logits differ in shape, or the mask is not (N, 1, *spatial).
+        """
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
+                f"and {tuple(teacher_logits.shape)}."
+            )
+        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+        student = student_logits.to(dtype) / self.temperature
+        teacher = teacher_logits.detach().to(dtype) / self.temperature
+        if self.mode == "softmax":
+            log_p_student = F.log_softmax(student, dim=1)
+            log_p_teacher = F.log_softmax(teacher, dim=1)
+            kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1, keepdim=True)
+        else:
+            # Bernoulli KL per channel; log(1 - sigmoid(x)) = logsigmoid(-x)
+            log_p_student, log_q_student = F.logsigmoid(student), F.logsigmoid(-student)
+            log_p_teacher, log_q_teacher = F.logsigmoid(teacher), F.logsigmoid(-teacher)
+            kl = log_p_teacher.exp() * (log_p_teacher - log_p_student) + log_q_teacher.exp() * (
+                log_q_teacher - log_q_student
+            )
+            kl = kl.sum(dim=1, keepdim=True)
+        if mask is None:
+            kd = kl.mean()
+        else:
+            if mask.shape != kl.shape:
+                raise ValueError(f"mask must have shape {tuple(kl.shape)} (N, 1, *spatial), got {tuple(mask.shape)}.")
+            weights = mask.to(dtype)
+            kd = (kl * weights).sum() / weights.sum().clamp(min=1)
+        return self.temperature**2 * kd
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        label: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Blend the supervised loss of the student with the KD term.
+
+        Args:
+            student_logits: student logits of shape (N, C, *spatial).
+            label: (N, 1, *spatial) class indices (softmax mode) or (N, C, *spatial) binary regions (sigmoid mode),
+                as expected by ``supervised``.
+            teacher_logits: teacher logits of the student's shape, any floating dtype; may be None when
+                ``kd_weight`` is 0.
+            mask: optional (N, 1, *spatial) mask restricting the KD term, see :meth:`kd_term`; the supervised term
+                is unaffected.
+
+        Returns:
+            scalar loss ``(1 - kd_weight) * supervised + kd_weight * kd_term``; a term whose weight is 0 is not
+            computed, so ``kd_weight`` 0 and 1 give exactly the supervised loss and the KD term.
+
+        Raises:
+            ValueError: if ``teacher_logits`` is None while ``kd_weight`` > 0, or as raised by :meth:`kd_term`.
+        """
+        if self.kd_weight == 0:
+            return self.supervised(student_logits, label)
+        if teacher_logits is None:
+            raise ValueError(f"teacher_logits is required when kd_weight > 0, got kd_weight={self.kd_weight}.")
+        kd = self.kd_term(student_logits, teacher_logits, mask)
+        if self.kd_weight == 1:
+            return kd
+        return (1 - self.kd_weight) * self.supervised(student_logits, label) + self.kd_weight * kd

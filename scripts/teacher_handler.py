@@ -1,0 +1,138 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Ignite handler running a frozen teacher network beside the student inside MONAI's ``SupervisedTrainer``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from ignite.engine import Engine
+from monai.engines import SupervisedTrainer
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+from torch import nn
+
+__all__ = ["TEACHER_PRED", "TeacherCheckpointError", "load_teacher", "FrozenTeacherHandler"]
+
+TEACHER_PRED = "teacher_pred"  # key of the teacher's logits in the trainer's iteration output
+
+
+class TeacherCheckpointError(RuntimeError):
+    """The teacher checkpoint is missing, unreadable or does not fit the teacher network."""
+
+
+def _state_dict(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor]:
+    """The network weights of a checkpoint: a plain state dict, or its ``model`` entry when it holds more."""
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
+        checkpoint = checkpoint["model"]
+    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise TeacherCheckpointError(f"teacher checkpoint {path} holds no network state dict.")
+    return checkpoint
+
+
+def load_teacher(teacher: nn.Module, path: str, max_keys: int = 5) -> nn.Module:
+    """Load a teacher's weights with ``weights_only=True`` and freeze it (eval mode, no gradients).
+
+    Args:
+        teacher: the teacher network, as defined by the config's ``teacher_def``.
+        path: checkpoint file written by the teacher's training (``models/teacher.pt``).
+        max_keys: how many mismatching keys an error message lists.
+
+    Returns:
+        the frozen ``teacher``.
+
+    Raises:
+        TeacherCheckpointError: if the file is missing or unreadable, or its keys or shapes differ from the
+            teacher's (the message names the file and the first mismatching keys).
+    """
+    if not os.path.isfile(path):
+        raise TeacherCheckpointError(
+            f"teacher checkpoint {path} not found: train the teacher first (python -m monai.bundle run training "
+            "--config_file configs/train.json) or point --teacher_ckpt to its checkpoint."
+        )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TeacherCheckpointError(f"cannot read teacher checkpoint {path}: {e}") from e
+    state = _state_dict(checkpoint, path)
+    expected = teacher.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [
+        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong_shape:
+        details = [
+            f"{what} ({len(keys)}): {', '.join(keys[:max_keys])}{', ...' if len(keys) > max_keys else ''}"
+            for what, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatch", wrong_shape),
+            )
+            if keys
+        ]
+        raise TeacherCheckpointError(
+            f"teacher checkpoint {path} does not fit teacher_def ({type(teacher).__name__}); " + "; ".join(details)
+        )
+    teacher.load_state_dict(state)
+    return teacher.eval().requires_grad_(False)
+
+
+class FrozenTeacherHandler:
+    """Run a frozen teacher on every training batch and hand its logits to the distillation loss.
+
+    ``attach`` makes the trainer call its loss as ``loss(student_logits, label, teacher_logits)`` (see
+    ``scripts.distillation_loss.DistillationLoss``): after the student's forward pass, the teacher runs under
+    ``torch.no_grad`` (and autocast when ``amp`` is on, on CUDA) on the very batch the student saw, augmentation
+    included, and its logits are stored in the iteration output under ``teacher_pred``. The teacher stays in eval
+    mode, so its BatchNorm statistics never change; it is not part of the trainer's network, optimizer or
+    checkpoints, and it is never wrapped in ``DistributedDataParallel``. When the loss's ``kd_weight`` is 0 (the
+    student-alone baseline) the teacher is not run.
+
+    Args:
+        teacher: the teacher network with its weights loaded (see :func:`load_teacher`), on the trainer's device.
+        amp: whether the teacher runs under autocast (CUDA only; ignored on CPU).
+    """
+
+    def __init__(self, teacher: nn.Module, amp: bool = False) -> None:
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.device_type = next(teacher.parameters()).device.type
+        self.amp = amp and self.device_type == "cuda"
+
+    def attach(self, engine: SupervisedTrainer) -> None:
+        """Wrap the trainer's loss so it receives the teacher's logits, and run the teacher after each forward.
+
+        Args:
+            engine: the student's ``SupervisedTrainer``; its ``loss_function`` takes
+                ``(student_logits, label, teacher_logits)``.
+        """
+        engine.loss_function = _LossWithTeacher(engine.loss_function, engine)
+        engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self)
+
+    @torch.no_grad()
+    def __call__(self, engine: Engine) -> None:
+        if getattr(engine.loss_function.loss, "kd_weight", 1.0) == 0:
+            engine.state.output[TEACHER_PRED] = None
+            return
+        if self.teacher.training:  # nothing may put the teacher back into training mode
+            self.teacher.eval()
+        autocast = torch.autocast(self.device_type) if self.amp else contextlib.nullcontext()
+        with autocast:
+            engine.state.output[TEACHER_PRED] = self.teacher(engine.state.output[CommonKeys.IMAGE])
+
+
+class _LossWithTeacher(nn.Module):
+    """The trainer-facing ``loss(pred, label)`` calling ``loss(pred, label, teacher_logits)``."""
+
+    def __init__(self, loss: nn.Module, engine: Engine) -> None:
+        super().__init__()
+        self.loss = loss
+        self.engine = engine
+
+    def forward(self, pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        return self.loss(pred, label, self.engine.state.output[TEACHER_PRED])
