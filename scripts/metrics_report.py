@@ -76,9 +76,9 @@ class BraTSMetricsReport:
     """Evaluator handler collecting per-case Dice and HD95 per region, written as a CSV with a mean row.
 
     The evaluator's post-processed output must hold, per case, ``pred`` and ``label`` as region channels
-    (``scripts.brats_regions.LabelToRegionsd``) and the ``case_id`` from the datalist. When the run completes,
-    the table is printed and the CSV is written to ``output_dir/filename`` in one atomic step, so an interrupted
-    evaluation never leaves a partial file where a previous good one was.
+    (``scripts.brats_regions.LabelToRegionsd``); the ``case_id`` is read from the (decollated) input batch.
+    When the run completes, the table is printed and the CSV is written to ``output_dir/filename`` in one atomic
+    step, so an interrupted evaluation never leaves a partial file where a previous good one was.
 
     Args:
         output_dir: folder of the CSV, created if needed.
@@ -115,8 +115,9 @@ class BraTSMetricsReport:
         self.rows = []
 
     def _collect(self, engine: Engine) -> None:
-        for item in engine.state.output:
-            self.rows.append({"case_id": item["case_id"], **case_metrics(item["pred"], item["label"], self.regions)})
+        for data, output in zip(engine.state.batch, engine.state.output):
+            metrics = case_metrics(output["pred"], output["label"], self.regions)
+            self.rows.append({"case_id": data["case_id"], **metrics})
 
     def _write(self, engine: Engine) -> None:
         if not self.rows:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
@@ -105,14 +105,20 @@ class FrozenTeacherHandler:
         self.amp = amp and self.device_type == "cuda"
 
     def attach(self, engine: SupervisedTrainer) -> None:
-        """Wrap the trainer's loss so it receives the teacher's logits, and run the teacher after each forward.
+        """Run the teacher after each student forward pass, and make the loss receive its logits.
 
         Args:
             engine: the student's ``SupervisedTrainer``; its ``loss_function`` takes
                 ``(student_logits, label, teacher_logits)``.
         """
-        engine.loss_function = _LossWithTeacher(engine.loss_function, engine)
+        # the trainer sets its loss after attaching handlers, so the loss is wrapped when the run starts
+        engine.add_event_handler(Events.STARTED, self._wrap_loss)
         engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self)
+
+    @staticmethod
+    def _wrap_loss(engine: SupervisedTrainer) -> None:
+        if not isinstance(engine.loss_function, _LossWithTeacher):
+            engine.loss_function = _LossWithTeacher(engine.loss_function, engine)
 
     @torch.no_grad()
     def __call__(self, engine: Engine) -> None:

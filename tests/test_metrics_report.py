@@ -66,10 +66,8 @@ def test_report_writes_one_row_per_case_and_a_mean_row(tmp_path):
     regions = labels_to_regions(label, 4)
     engine = SimpleNamespace(
         state=SimpleNamespace(
-            output=[
-                {"case_id": "case_b", "pred": regions, "label": regions},
-                {"case_id": "case_a", "pred": torch.zeros_like(regions), "label": regions},
-            ]
+            batch=[{"case_id": "case_b"}, {"case_id": "case_a"}],
+            output=[{"pred": regions, "label": regions}, {"pred": torch.zeros_like(regions), "label": regions}],
         )
     )
     report._reset(engine)

@@ -1,0 +1,126 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""The bundle's workflows run as users run them: ``python -m monai.bundle run ...`` from the bundle root."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.separable_unet import SeparableUNet
+from scripts.synthetic_brats import write_synthetic_dataset
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SHARED_SAMPLE = BUNDLE_ROOT.parent / "shared" / "data" / "brats_sample"
+# small enough for CI: 1 epoch on 32 x 32 patches of 4 tiny synthetic cases
+QUICK = ["--epochs", "1", "--patch_size", "32", "--patches_per_case", "2", "--batch_size", "2"] + [
+    "--infer_batch_size",
+    "16",
+]
+TRAIN_AND_EVALUATE = "['configs/train.json','configs/evaluate.json']"
+
+
+def run_bundle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m monai.bundle run ARGS`` in the bundle root; on failure show its output."""
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args], cwd=BUNDLE_ROOT, capture_output=True, text=True
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"bundle run {args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("synthetic")
+    write_synthetic_dataset(folder, num_cases=4, shape=(32, 32, 16))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_run(synthetic_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    root = tmp_path_factory.mktemp("bundle")
+    result = run_bundle(
+        "training", "--config_file", "configs/train.json", "--bundle_root", str(root), "--dataset_dir",
+        str(synthetic_dir), *QUICK,
+    )  # fmt: skip
+    return root, result
+
+
+def test_teacher_training_through_the_bundle_runner_keeps_the_best_teacher(teacher_run):
+    root, result = teacher_run
+    state = torch.load(root / "models" / "teacher.pt", weights_only=True)
+    teacher = SeparableUNet(3, 4, channels=(64, 128, 256, 512, 1024), dropout=0.5)
+    teacher.load_state_dict(state)  # strict: exactly the teacher's keys and shapes
+    output = result.stdout + result.stderr
+    for metric in ("val_mean_dice", "val_dice_wt", "val_dice_tc", "val_dice_et"):
+        assert metric in output
+    assert list((root / "runs" / "teacher").glob("events.out.tfevents.*")), "no TensorBoard log written"
+
+
+def test_evaluation_writes_one_row_per_case_and_a_mean_row(teacher_run, synthetic_dir):
+    root, _ = teacher_run
+    result = run_bundle(
+        "evaluating", "--config_file", TRAIN_AND_EVALUATE, "--bundle_root", str(root), "--dataset_dir",
+        str(synthetic_dir), "--eval_split", "all", "--infer_batch_size", "16",
+    )  # fmt: skip
+    with open(root / "eval" / "metrics_all.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == [f"SynBraTS_{i:03d}" for i in range(4)] + ["mean"]
+    for row in rows:
+        for region in ("wt", "tc", "et"):
+            assert 0.0 <= float(row[f"dice_{region}"]) <= 1.0
+            assert float(row[f"hd95_{region}"]) >= 0.0
+    assert "SynBraTS_003" in result.stdout + result.stderr  # the table is printed too
+
+
+def test_evaluation_of_the_default_test_split_uses_held_out_patients(teacher_run, synthetic_dir):
+    root, _ = teacher_run
+    run_bundle(
+        "evaluating", "--config_file", TRAIN_AND_EVALUATE, "--bundle_root", str(root), "--dataset_dir",
+        str(synthetic_dir), "--infer_batch_size", "16",
+    )  # fmt: skip
+    with open(root / "eval" / "metrics_test.csv") as f:
+        case_ids = [r["case_id"] for r in csv.DictReader(f)][:-1]
+    assert len(case_ids) == 1  # 4 patients: 1 test, 1 validation, 2 training
+
+
+def test_binary_whole_tumour_task_trains_a_two_class_network(synthetic_dir, tmp_path):
+    run_bundle(
+        "training", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), "--dataset_dir",
+        str(synthetic_dir), "--num_classes", "2", "--network_def#channels", "[8,16,32,64,128]", *QUICK,
+    )  # fmt: skip
+    state = torch.load(tmp_path / "models" / "teacher.pt", weights_only=True)
+    assert state["head.weight"].shape[0] == 2
+
+
+def test_training_on_a_folder_without_cases_fails_naming_the_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run_bundle(
+        "training", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), "--dataset_dir",
+        str(tmp_path / "empty"), *QUICK, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert str(tmp_path / "empty") in result.stderr
+    assert not (tmp_path / "models" / "teacher.pt").exists()
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason="../shared/data/brats_sample is not available")
+def test_real_brats_case_trains_and_evaluates_as_it_is(tmp_path):
+    narrow = ["--network_def#channels", "[8,16,32,64,128]", "--infer_batch_size", "64"]
+    run_bundle(
+        "training", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), "--dataset_dir",
+        str(SHARED_SAMPLE), "--epochs", "1", "--patches_per_case", "4", "--batch_size", "1", *narrow,
+    )  # fmt: skip
+    assert (tmp_path / "models" / "teacher.pt").is_file()
+    run_bundle(
+        "evaluating", "--config_file", TRAIN_AND_EVALUATE, "--bundle_root", str(tmp_path), "--dataset_dir",
+        str(SHARED_SAMPLE), *narrow,
+    )  # fmt: skip
+    with open(tmp_path / "eval" / "metrics_test.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows] == ["TCGA-DU-7294", "mean"]
