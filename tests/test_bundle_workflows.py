@@ -17,10 +17,7 @@ from scripts.synthetic_brats import write_synthetic_dataset
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = BUNDLE_ROOT.parent / "shared" / "data" / "brats_sample"
 # small enough for CI: 1 epoch on 32 x 32 patches of 4 tiny synthetic cases
-QUICK = ["--epochs", "1", "--patch_size", "32", "--patches_per_case", "2", "--batch_size", "2"] + [
-    "--infer_batch_size",
-    "16",
-]
+QUICK = "--epochs 1 --patch_size 32 --patches_per_case 2 --batch_size 2 --infer_batch_size 16".split()
 TRAIN_AND_EVALUATE = "['configs/train.json','configs/evaluate.json']"
 
 
@@ -87,6 +84,28 @@ def test_evaluation_of_the_default_test_split_uses_held_out_patients(teacher_run
     with open(root / "eval" / "metrics_test.csv") as f:
         case_ids = [r["case_id"] for r in csv.DictReader(f)][:-1]
     assert len(case_ids) == 1  # 4 patients: 1 test, 1 validation, 2 training
+
+
+def test_distillation_through_the_bundle_runner_writes_the_student_as_model_pt(teacher_run, synthetic_dir):
+    root, _ = teacher_run
+    result = run_bundle(
+        "training", "--config_file", "configs/distill.json", "--bundle_root", str(root), "--dataset_dir",
+        str(synthetic_dir), *QUICK,
+    )  # fmt: skip
+    SeparableUNet(3, 4).load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    output = result.stdout + result.stderr
+    assert "teacher_val_mean_dice" in output and "val_mean_dice" in output
+    assert list((root / "runs" / "distill").glob("events.out.tfevents.*"))
+
+
+def test_distillation_without_a_teacher_checkpoint_stops_naming_the_file(synthetic_dir, tmp_path):
+    result = run_bundle(
+        "training", "--config_file", "configs/distill.json", "--bundle_root", str(tmp_path), "--dataset_dir",
+        str(synthetic_dir), *QUICK, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert f"teacher checkpoint {tmp_path / 'models' / 'teacher.pt'} not found" in result.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()
 
 
 def test_binary_whole_tumour_task_trains_a_two_class_network(synthetic_dir, tmp_path):

@@ -1,0 +1,133 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+from monai.engines import SupervisedTrainer
+from monai.inferers import SimpleInferer
+
+from scripts.distillation_loss import DistillationLoss
+from scripts.separable_unet import SeparableUNet
+from scripts.teacher_handler import TEACHER_PRED, FrozenTeacherHandler, TeacherCheckpointError, load_teacher
+
+TINY_TEACHER = (8, 16, 32)
+TINY_STUDENT = (4, 8, 16)
+
+
+def tiny_teacher() -> SeparableUNet:
+    torch.manual_seed(0)
+    return SeparableUNet(in_channels=3, out_channels=4, channels=TINY_TEACHER, dropout=0.5)
+
+
+def save_trained_teacher(path) -> dict[str, torch.Tensor]:
+    """A teacher checkpoint whose BatchNorm statistics differ from a fresh network's."""
+    teacher = tiny_teacher().train()
+    with torch.no_grad():
+        for _ in range(3):
+            teacher(torch.randn(4, 3, 16, 16) * 3 + 1)
+    torch.save(teacher.state_dict(), path)
+    return {k: v.clone() for k, v in teacher.state_dict().items()}
+
+
+def test_loaded_teacher_is_frozen_in_eval_mode(tmp_path):
+    saved = save_trained_teacher(tmp_path / "teacher.pt")
+    teacher = load_teacher(tiny_teacher(), str(tmp_path / "teacher.pt"))
+    assert not teacher.training
+    assert not any(p.requires_grad for p in teacher.parameters())
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, saved[key], rtol=0, atol=0)
+
+
+def test_checkpoint_with_a_model_entry_is_accepted(tmp_path):
+    saved = save_trained_teacher(tmp_path / "plain.pt")
+    torch.save({"model": saved, "epoch": 3}, tmp_path / "resumable.pt")
+    teacher = load_teacher(tiny_teacher(), str(tmp_path / "resumable.pt"))
+    torch.testing.assert_close(teacher.head.weight, saved["head.weight"])
+
+
+def test_missing_teacher_checkpoint_names_the_file_and_how_to_make_it(tmp_path):
+    with pytest.raises(TeacherCheckpointError, match=r"absent\.pt not found.*configs/train\.json"):
+        load_teacher(tiny_teacher(), str(tmp_path / "absent.pt"))
+
+
+def test_student_checkpoint_given_as_teacher_names_file_and_first_mismatching_keys(tmp_path):
+    student = SeparableUNet(in_channels=3, out_channels=4, channels=TINY_STUDENT)
+    torch.save(student.state_dict(), tmp_path / "model.pt")
+    with pytest.raises(TeacherCheckpointError, match=r"model\.pt does not fit.*shape mismatch \(\d+\): encoders\.0"):
+        load_teacher(tiny_teacher(), str(tmp_path / "model.pt"))
+
+
+def test_teacher_of_another_depth_lists_missing_and_unexpected_keys(tmp_path):
+    torch.save(SeparableUNet(3, 4, channels=(8, 16, 32, 64)).state_dict(), tmp_path / "deeper.pt")
+    with pytest.raises(TeacherCheckpointError, match=r"unexpected keys \(\d+\): encoders\.2"):
+        load_teacher(tiny_teacher(), str(tmp_path / "deeper.pt"))
+
+
+def test_checkpoint_carrying_pickled_code_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("code ran while loading",))
+
+    with open(tmp_path / "evil.pt", "wb") as f:
+        pickle.dump({"model": Payload()}, f)
+    with pytest.raises(TeacherCheckpointError, match=r"cannot read teacher checkpoint .*evil\.pt"):
+        load_teacher(tiny_teacher(), str(tmp_path / "evil.pt"))
+
+
+def make_trainer(teacher: torch.nn.Module, kd_weight: float, epochs: int = 1) -> SupervisedTrainer:
+    torch.manual_seed(1)
+    student = SeparableUNet(in_channels=3, out_channels=4, channels=TINY_STUDENT)
+    images = torch.randn(4, 3, 16, 16)
+    labels = torch.randint(0, 4, (4, 1, 16, 16)).float()
+    loader = [{"image": images[i : i + 2], "label": labels[i : i + 2]} for i in (0, 2)]
+    return SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=student,
+        optimizer=torch.optim.Adam(student.parameters(), 1e-2),
+        loss_function=DistillationLoss(kd_weight=kd_weight),
+        inferer=SimpleInferer(),
+        train_handlers=[FrozenTeacherHandler(teacher)],
+        decollate=False,  # keep the last iteration's batch and output whole for the checks
+    )
+
+
+def test_distillation_epoch_leaves_teacher_weights_and_batchnorm_statistics_untouched(tmp_path):
+    save_trained_teacher(tmp_path / "teacher.pt")
+    teacher = load_teacher(tiny_teacher(), str(tmp_path / "teacher.pt"))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    trainer = make_trainer(teacher, kd_weight=0.5, epochs=2)
+    student_before = trainer.network.head.weight.clone()
+    trainer.run()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, before[key]), f"teacher {key} changed during distillation"
+    assert not teacher.training
+    assert not torch.equal(trainer.network.head.weight, student_before), "the student did not learn"
+
+
+def test_teacher_logits_of_the_students_batch_reach_the_loss(tmp_path):
+    save_trained_teacher(tmp_path / "teacher.pt")
+    teacher = load_teacher(tiny_teacher(), str(tmp_path / "teacher.pt"))
+    trainer = make_trainer(teacher, kd_weight=1.0)
+    trainer.run()
+    output = trainer.state.output
+    with torch.no_grad():
+        expected = teacher(output["image"])
+    torch.testing.assert_close(output[TEACHER_PRED], expected)
+    # kd_weight 1: the loss is the KD term between the student's prediction and these teacher logits
+    kd = DistillationLoss(kd_weight=1.0).kd_term(output["pred"].detach(), expected)
+    assert output["loss"].item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_student_alone_baseline_does_not_run_the_teacher(tmp_path):
+    save_trained_teacher(tmp_path / "teacher.pt")
+    teacher = load_teacher(tiny_teacher(), str(tmp_path / "teacher.pt"))
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    trainer = make_trainer(teacher, kd_weight=0.0)
+    trainer.run()
+    assert calls == []
+    assert trainer.state.output[TEACHER_PRED] is None
