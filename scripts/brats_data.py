@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+
 __all__ = [
     "LABEL_MAPS",
     "LAYOUTS",
@@ -180,6 +182,60 @@ def find_cases(
             "(imagesTs/ is only searched when require_label is False)."
         )
     return [_make_case(case_id, source, layout, sequences, require_label) for case_id, source in candidates.items()]
+
+
+def case_from_file(path: str | os.PathLike, modalities: Sequence[str] = ("flair", "t1ce", "t2")) -> dict[str, Any]:
+    """Build the case of a one-file study (as MONAI Label hands it over) from any one of its files.
+
+    A sequence or label file named the BraTS way (``<case>_flair.nii.gz``, ``<case>-t2f.nii.gz``, ...) gives its
+    case folder, whose sibling sequence files are found as in :func:`find_cases`. A 4D image under ``imagesTr/`` or
+    ``imagesTs/`` is an MSD Task01 case. Any other multi-channel NIfTI is a ``multichannel`` case: with as many
+    channels as ``modalities`` they are taken in that order; with 4 channels, in the BraTS/MSD order flair, t1,
+    t1ce, t2.
+
+    Args:
+        path: one file of the study.
+        modalities: the sequences to load, in channel order (aliases accepted).
+
+    Returns:
+        a case dict as :func:`find_cases` returns (no ``label`` is required); ``layout`` is ``multichannel`` for a
+        generic multi-channel NIfTI.
+
+    Raises:
+        BraTSDataError: if the file does not exist, a sibling sequence file is missing (naming the case and the
+            file), or a single-channel file is not named the BraTS way.
+    """
+    file = _absolute(path)
+    sequences = canonical_sequences(modalities)
+    if not file.is_file():
+        raise BraTSDataError(f"Study file {file} does not exist.")
+    stem = _strip_nifti(file.name)
+    for layout, separator in _SEPARATORS.items():
+        suffixes = "|".join(list(SEQUENCE_FILE_NAMES[layout].values()) + ["seg"])
+        match = re.fullmatch(rf"(?P<case>.+){re.escape(separator)}(?:{suffixes})", stem)
+        if match:
+            return _make_case(match["case"], file.parent, layout, sequences, require_label=False)
+    if file.parent.name in ("imagesTr", "imagesTs"):
+        return _make_case(stem, file, "msd", sequences, require_label=False)
+    shape = nib.load(str(file)).shape
+    channels = shape[3] if len(shape) == 4 else 1
+    if channels == len(sequences):
+        indices = list(range(channels))
+    elif channels == len(MSD_CHANNELS):
+        indices = [MSD_CHANNELS[s] for s in sequences]
+    else:
+        raise BraTSDataError(
+            f"Study file {file} is neither named like a BraTS sequence file (<case>_flair.nii.gz, "
+            f"<case>-t2f.nii.gz, ...) so that its sibling sequences can be found, nor a multi-channel NIfTI with "
+            f"{len(sequences)} channels ({', '.join(sequences)}) or 4 (flair, t1, t1ce, t2): it has {channels}."
+        )
+    return {
+        "case_id": stem,
+        "patient_id": stem,
+        "layout": "multichannel",
+        "image": str(file),
+        "channel_indices": indices,
+    }
 
 
 def split_cases(

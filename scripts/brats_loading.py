@@ -12,7 +12,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
-from scripts.brats_data import LABEL_MAPS, BraTSDataError
+from scripts.brats_data import LABEL_MAPS, BraTSDataError, case_from_file
 
 __all__ = ["LoadBraTSCased", "map_release_labels"]
 
@@ -55,14 +55,17 @@ def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id
 class LoadBraTSCased(MapTransform):
     """Load one datalist case (from ``scripts.brats_data``) into a checked image and an internal label map.
 
-    The case's sequence files (or the requested channels of an MSD 4D file) are stacked into a channel-first
-    ``MetaTensor`` carrying the first file's affine. Every file is checked: readable, same shape and affine as the
+    The case's sequence files (or the requested channels of a 4D file) are stacked into a channel-first
+    ``MetaTensor`` carrying the first file's metadata, plus ``case_id`` and ``brats_layout``. Data holding only a
+    file path under the image key (a one-file study, as MONAI Label sends) is first resolved into its case with
+    ``scripts.brats_data.case_from_file``. Every file is checked: readable, same shape and affine as the
     others, finite voxel values; the label's values must belong to the release's label set and are mapped to the
     internal convention by :func:`map_release_labels`.
 
     Args:
         keys: the image key and, optionally, the label key, in this order.
         num_classes: 4 for the BraTS classes, 2 for whole tumour.
+        modalities: the sequences of a one-file study, in channel order (datalist cases carry their own files).
         allow_missing_keys: whether a case without a label (inference) is accepted.
 
     Raises:
@@ -71,10 +74,15 @@ class LoadBraTSCased(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection = ("image", "label"), num_classes: int = 4, allow_missing_keys: bool = False
-    ):
+        self,
+        keys: KeysCollection = ("image", "label"),
+        num_classes: int = 4,
+        modalities: Sequence[str] = ("flair", "t1ce", "t2"),
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.num_classes = num_classes
+        self.modalities = list(modalities)
         self.reader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
     def _read(self, path: str, case_id: str) -> MetaTensor:
@@ -102,7 +110,8 @@ class LoadBraTSCased(MapTransform):
             if not torch.isfinite(volume).all():
                 raise BraTSDataError(f"case {case_id}: {path} holds NaN or infinite voxel values.")
         image = torch.cat([v.as_tensor() for v in volumes], dim=0)
-        return MetaTensor(image, meta=reference.meta)
+        meta = {**reference.meta, "case_id": case_id, "brats_layout": case["layout"]}
+        return MetaTensor(image, meta=meta)
 
     @staticmethod
     def _check_geometry(volume: MetaTensor, reference: MetaTensor, case_id: str, path: str, reference_path: str):
@@ -121,11 +130,16 @@ class LoadBraTSCased(MapTransform):
         d = dict(data)
         key_iter = self.key_iterator(d)
         image_key = next(key_iter)
+        if "case_id" not in d:  # a one-file study
+            case = case_from_file(d[image_key], self.modalities)
+            d[image_key] = case.pop("image")
+            d.update(case)
+        source = d[image_key]
         d[image_key] = self._load_image(d, image_key)
         for label_key in key_iter:
             path = d[label_key]
             label = self._read(path, d["case_id"])
-            self._check_geometry(label, d[image_key], d["case_id"], path, _first_path(data[image_key]))
+            self._check_geometry(label, d[image_key], d["case_id"], path, _first_path(source))
             internal = map_release_labels(label.numpy(), d["layout"], self.num_classes, d["case_id"], path)
             d[label_key] = MetaTensor(torch.from_numpy(internal), meta=label.meta)
         return d

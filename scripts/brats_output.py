@@ -1,0 +1,106 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Predicted label maps written back in the conventions of the input's BraTS release."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, Transform
+
+from scripts.brats_data import LABEL_MAPS
+
+__all__ = ["OUTPUT_CONVENTIONS", "internal_to_release", "ToReleaseLabelsd", "case_name_formatter"]
+
+# "internal" is 0 background, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing (the BraTS 2023+ values)
+OUTPUT_CONVENTIONS = (*LABEL_MAPS, "internal")
+
+
+def internal_to_release(label: torch.Tensor, convention: str) -> torch.Tensor:
+    """Map internal labels (0 background, 1 necrotic core, 2 edema, 3 enhancing) to a release's label values.
+
+    Args:
+        label: tensor of internal class indices.
+        convention: a key of ``LABEL_MAPS`` (``brats2020``, ``brats2023``, ``msd``) or ``internal``.
+
+    Returns:
+        a tensor of the same shape and type with the release's values (e.g. enhancing 3 -> 4 for BraTS 2020).
+
+    Raises:
+        ValueError: if ``convention`` is unknown.
+    """
+    if convention not in OUTPUT_CONVENTIONS:
+        raise ValueError(f"Unknown label convention {convention!r}, expected one of {OUTPUT_CONVENTIONS}.")
+    if convention == "internal":
+        return label
+    lut = torch.zeros(4, dtype=torch.int64, device=label.device)
+    for release_value, internal_value in LABEL_MAPS[convention].items():
+        lut[internal_value] = release_value
+    return lut[label.long()].to(label.dtype)
+
+
+def _case_meta(data: Mapping[Hashable, Any], key: Hashable, ref_key: Hashable) -> dict:
+    for k in (ref_key, key):
+        if isinstance(data.get(k), MetaTensor) and "brats_layout" in data[k].meta:
+            return data[k].meta
+    return {}
+
+
+class ToReleaseLabelsd(MapTransform):
+    """Convert predicted internal labels to the label values of the input case's release.
+
+    The release is read from the ``brats_layout`` metadata that ``scripts.brats_loading.LoadBraTSCased`` records
+    (``ref_key``'s metadata first, then the key's). A generic multi-channel study has no release and keeps the
+    internal values, which equal BraTS 2023+'s. The binary whole-tumour task (``num_classes`` 2) keeps 0/1.
+
+    Args:
+        keys: keys of the predicted label maps.
+        convention: ``None`` to follow each case's release, or one of ``OUTPUT_CONVENTIONS`` for every case.
+        num_classes: 4 (BraTS classes) or 2 (whole tumour, left unchanged).
+        ref_key: key of the input image holding the case metadata.
+        allow_missing_keys: don't raise if a key is missing.
+
+    Raises:
+        ValueError: if ``convention`` is unknown.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        convention: str | None = None,
+        num_classes: int = 4,
+        ref_key: Hashable = "image",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if convention is not None and convention not in OUTPUT_CONVENTIONS:
+            raise ValueError(f"Unknown label convention {convention!r}, expected one of {OUTPUT_CONVENTIONS}.")
+        self.convention = convention
+        self.num_classes = num_classes
+        self.ref_key = ref_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if self.num_classes == 2:
+                continue
+            layout = _case_meta(d, key, self.ref_key).get("brats_layout", "internal")
+            convention = self.convention or (layout if layout in LABEL_MAPS else "internal")
+            d[key] = internal_to_release(d[key], convention)
+        return d
+
+
+def case_name_formatter(metadict: dict, saver: Transform) -> dict:
+    """``SaveImage`` name formatter naming each output after its case id (``<case_id>_seg.nii.gz``).
+
+    Args:
+        metadict: the saved image's metadata, holding ``case_id`` (see ``LoadBraTSCased``).
+        saver: the ``SaveImage`` transform.
+
+    Returns:
+        the keyword arguments of ``FolderLayout.filename``.
+    """
+    return {"subject": str(metadict.get("case_id", getattr(saver, "_data_index", 0))), "idx": None}

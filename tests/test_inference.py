@@ -1,0 +1,144 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""configs/inference.json: whole folders and one-file studies, written back in the input's geometry and labels."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose, SaveImaged
+
+from scripts.brats_data import BraTSDataError, find_cases
+from scripts.separable_unet import SeparableUNet
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def constant_student(tmp_path: Path, internal_class: int) -> Path:
+    """A student checkpoint predicting ``internal_class`` everywhere, so output label values are known."""
+    network = SeparableUNet(in_channels=3, out_channels=4)
+    state = network.state_dict()
+    state["head.weight"].zero_()
+    state["head.bias"].copy_(torch.nn.functional.one_hot(torch.tensor(internal_class), 4).float() * 10)
+    (tmp_path / "models").mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp_path / "models" / "model.pt")
+    return tmp_path
+
+
+def first_file(case: dict) -> str:
+    return case["image"] if isinstance(case["image"], str) else case["image"][0]
+
+
+@pytest.mark.parametrize(
+    "layout, internal_class, release_value",
+    [("brats2020", 3, 4), ("brats2023", 3, 3), ("msd", 1, 2)],  # enhancing is 4 in 2020; MSD's core is 2
+)
+def test_folder_inference_writes_each_case_in_its_input_geometry_and_release_labels(
+    tmp_path, make_brats_folder, layout, internal_class, release_value
+):
+    bundle = constant_student(tmp_path / "bundle", internal_class)
+    data = make_brats_folder(tmp_path / layout, layout, num_cases=2, shape=(20, 24, 8), labels_present=False)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--bundle_root", str(bundle), "--dataset_dir", str(data), "--output_dir", str(out)],
+        cwd=BUNDLE_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    cases = find_cases(data, require_label=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c['case_id']}_seg.nii.gz" for c in cases)
+    for case in cases:
+        source = nib.load(first_file(case))
+        written = nib.load(out / f"{case['case_id']}_seg.nii.gz")
+        assert written.shape == source.shape[:3]
+        np.testing.assert_allclose(written.affine, source.affine)
+        assert written.get_data_dtype() == np.uint8
+        assert np.unique(np.asanyarray(written.dataobj)).tolist() == [release_value]
+
+
+def test_output_convention_override_writes_internal_labels(tmp_path, make_brats_folder):
+    bundle = constant_student(tmp_path / "bundle", 3)
+    data = make_brats_folder(tmp_path / "brats2020", "brats2020", num_cases=1, labels_present=False)
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--bundle_root", str(bundle), "--dataset_dir", str(data), "--output_dir", str(out),
+         "--output_convention", "internal"],
+        cwd=BUNDLE_ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    written = nib.load(out / "BraTS20_Training_001_seg.nii.gz")
+    assert np.unique(np.asanyarray(written.dataobj)).tolist() == [3]
+
+
+def monai_label_style_pipeline(bundle: Path):
+    """What MONAI Label runs: the config's preprocessing, inferer and network, postprocessing minus SaveImaged."""
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_ROOT / "configs" / "inference.json")
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "$torch.device('cpu')"
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    pre = parser.get_parsed_content("preprocessing")
+    post = Compose([t for t in parser.get_parsed_content("postprocessing").transforms if not isinstance(t, SaveImaged)])
+    inferer = parser.get_parsed_content("inferer")
+
+    def segment(path: str) -> dict:
+        data = pre({"image": path})
+        with torch.no_grad():
+            data["pred"] = inferer(data["image"][None], network.eval())[0]
+        return post(data)
+
+    return segment
+
+
+@pytest.mark.parametrize("layout, sequence", [("brats2020", "t1ce"), ("brats2023", "t2f")])
+def test_one_file_study_finds_its_sibling_sequences(tmp_path, make_brats_folder, layout, sequence):
+    bundle = constant_student(tmp_path / "bundle", 3)
+    data = make_brats_folder(tmp_path / layout, layout, num_cases=1, shape=(20, 24, 8))
+    study = next(data.glob(f"*/*{sequence}.nii.gz"))
+    result = monai_label_style_pipeline(bundle)(str(study))
+    pred = result["pred"]
+    assert pred.dtype == torch.uint8
+    assert tuple(pred.shape) == (1, 20, 24, 8)
+    np.testing.assert_allclose(pred.affine.numpy(), nib.load(study).affine)
+    assert torch.unique(pred).tolist() == [4 if layout == "brats2020" else 3]
+
+
+def test_one_file_study_accepts_a_multichannel_nifti(tmp_path):
+    bundle = constant_student(tmp_path / "bundle", 2)
+    affine = np.diag([-1.0, -1.0, 2.0, 1.0])
+    image = np.random.default_rng(0).normal(100, 10, (16, 32, 6, 3)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, affine), tmp_path / "study.nii.gz")
+    pred = monai_label_style_pipeline(bundle)(str(tmp_path / "study.nii.gz"))["pred"]
+    assert tuple(pred.shape) == (1, 16, 32, 6)
+    np.testing.assert_allclose(pred.affine.numpy(), affine)
+    assert torch.unique(pred).tolist() == [2]
+
+
+def test_one_file_study_with_a_missing_sibling_names_the_file(tmp_path, make_brats_folder):
+    bundle = constant_student(tmp_path / "bundle", 3)
+    data = make_brats_folder(tmp_path / "brats2020", "brats2020", num_cases=1)
+    next(data.glob("*/*_t2.nii.gz")).unlink()
+    study = next(data.glob("*/*_flair.nii.gz"))
+    with pytest.raises(RuntimeError) as error:  # MONAI's Compose wraps the transform's error
+        monai_label_style_pipeline(bundle)(str(study))
+    assert isinstance(error.value.__cause__, BraTSDataError)
+    assert re.search(
+        r"BraTS20_Training_001.*missing t2 file .*BraTS20_Training_001_t2\.nii", str(error.value.__cause__)
+    )
+
+
+def test_single_channel_file_not_named_like_brats_is_rejected(tmp_path):
+    bundle = constant_student(tmp_path / "bundle", 3)
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 4), np.float32), np.eye(4)), tmp_path / "scan.nii.gz")
+    with pytest.raises(RuntimeError) as error:
+        monai_label_style_pipeline(bundle)(str(tmp_path / "scan.nii.gz"))
+    assert isinstance(error.value.__cause__, BraTSDataError)
+    assert "scan.nii.gz is neither named like a BraTS sequence file" in str(error.value.__cause__)
