@@ -17,6 +17,8 @@ from scripts.brats_data import LABEL_MAPS, BraTSDataError, case_from_file
 __all__ = ["LoadBraTSCased", "map_release_labels"]
 
 AFFINE_ATOL = 1e-3
+# a generic multi-channel study (no release) is labelled in the internal convention, which equals BraTS 2023+'s
+INTERNAL_LABELS = {0: 0, 1: 1, 2: 2, 3: 3}
 
 
 def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id: str, path: str) -> np.ndarray:
@@ -24,7 +26,7 @@ def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id
 
     Args:
         label: label volume with the values of ``layout``'s release.
-        layout: one of the keys of ``LABEL_MAPS``.
+        layout: one of the keys of ``LABEL_MAPS``, or ``multichannel`` (internal values).
         num_classes: 4 keeps the internal classes, 2 merges every tumour label into whole tumour (1).
         case_id: case id, for error messages.
         path: label file, for error messages.
@@ -37,7 +39,7 @@ def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id
     """
     if num_classes not in (2, 4):
         raise BraTSDataError(f"num_classes must be 2 (whole tumour) or 4 (BraTS classes), got {num_classes}.")
-    mapping = LABEL_MAPS[layout]
+    mapping = INTERNAL_LABELS if layout == "multichannel" else LABEL_MAPS[layout]
     values = np.unique(label)
     unexpected = [int(v) if float(v).is_integer() else float(v) for v in values if v not in mapping]
     if unexpected:

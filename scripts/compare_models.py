@@ -413,7 +413,7 @@ def compare_models(
     }
     table = _markdown(results, regions, os.path.basename(files["csv"]))
     _write_csv(files["csv"], results)
-    _write_text(files["json"], json.dumps(results, indent=2) + "\n")
+    _write_text(files["json"], json.dumps(results, indent=4) + "\n")
     _write_figure(files["figure"], slices, results, modalities[image_channel].upper())
     _write_text(files["markdown"], table)
     print(table)

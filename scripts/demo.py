@@ -42,7 +42,7 @@ def main(
     num_cases: int = 12,
     shape: tuple[int, int, int] = (96, 96, 64),
     teacher_epochs: int = 10,
-    student_epochs: int = 20,
+    student_epochs: int = 30,
     epochs_scale: float = 1.0,
     results_dir: str = "docs/results",
 ) -> None:
@@ -77,7 +77,7 @@ def main(
         ]
     )
     teacher_val = str(max(1, teacher_epochs // 2))
-    student_val = str(max(1, student_epochs // 4))
+    student_val = str(max(1, student_epochs // 5))
     _run(bundle_run + ["training", "--config_file", "configs/train.json", *data, *DEMO_KNOBS,
                        "--epochs", str(teacher_epochs), "--val_interval", teacher_val])  # fmt: skip
     _run(bundle_run + ["evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']", *data,

@@ -13,6 +13,8 @@ Usage, from the bundle root::
     python -m monai.bundle download --name brats_kd_segmentation --url <url of the zip> --bundle_dir <dir>
 
 The zip is reproducible (sorted entries, fixed timestamps), so packaging the same files twice gives the same md5.
+``monai.bundle download --url`` does not check a hash; ``monai.apps.download_url(url, filepath, hash_val=<md5>,
+hash_type="md5")`` downloads the zip and checks the md5 printed here.
 """
 
 from __future__ import annotations

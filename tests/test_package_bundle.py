@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.package_bundle import file_md5, package_bundle
+from scripts.package_bundle import WEIGHTS, file_md5, package_bundle
 from scripts.separable_unet import SeparableUNet
 from scripts.synthetic_brats import write_synthetic_dataset
 
@@ -113,6 +113,21 @@ def test_cli_prints_the_md5_of_the_zip(released):
     assert re.search(rf"md5 {file_md5(released['zip'])}\s+{released['zip'].name}", released["stdout"])
 
 
+def test_printed_md5_lets_monai_verify_the_downloaded_zip(released, tmp_path):
+    from monai.apps import download_url
+    from monai.apps.utils import HashCheckError
+
+    md5 = re.search(r"^md5 ([0-9a-f]{32})", released["stdout"], re.M).group(1)
+    zip_path = released["zip"]
+    with serve_folder(zip_path.parent) as base_url:
+        url = f"{base_url}/{zip_path.name}"
+        download_url(url, tmp_path / "ok.zip", hash_val=md5, hash_type="md5", progress=False)
+        with pytest.raises(HashCheckError):
+            download_url(url, tmp_path / "bad.zip", hash_val="0" * 32, hash_type="md5", progress=False)
+    assert file_md5(tmp_path / "ok.zip") == md5
+    assert not (tmp_path / "bad.zip").exists()
+
+
 def test_download_from_url_extracts_the_bundle_with_identical_files(released):
     source, bundle = released["source"], released["bundle"]
     assert file_md5(bundle / "models" / "model.pt") == file_md5(source / "models" / "model.pt")
@@ -149,6 +164,16 @@ def test_downloaded_bundle_runs_inference_on_a_folder(released, tmp_path):
     segmentation = nib.load(str(written[0]))
     assert segmentation.shape == (32, 32, 16)  # the input's own grid
     assert segmentation.get_data_dtype() == np.uint8
+
+
+def test_repository_large_files_yml_lists_the_weights_of_the_current_version():
+    from monai.bundle import ConfigParser
+
+    entries = ConfigParser.load_config_file(str(BUNDLE_ROOT / "large_files.yml"))["large_files"]
+    assert [entry["path"] for entry in entries] == list(WEIGHTS)
+    for entry in entries:
+        assert entry["hash_type"] == "md5"
+        assert entry["url"].endswith(f"/v{VERSION}/{Path(entry['path']).name}"), "large_files.yml lags the version"
 
 
 def test_teacher_checkpoint_is_packaged_with_its_md5_when_present(tmp_path):
