@@ -113,6 +113,9 @@ class LoadBraTSCased(MapTransform):
                 raise BraTSDataError(f"case {case_id}: {path} holds NaN or infinite voxel values.")
         image = torch.cat([v.as_tensor() for v in volumes], dim=0)
         meta = {**reference.meta, "case_id": case_id, "brats_layout": case["layout"]}
+        # an all-zero image (empty brain) is segmented as background at inference (brats_output)
+        meta["empty_brain"] = not bool(image.any())
+        meta["source_files"] = ", ".join(dict.fromkeys(paths))
         return MetaTensor(image, meta=meta)
 
     @staticmethod

@@ -3,17 +3,29 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform, Transform
 
 from scripts.brats_data import LABEL_MAPS
 
-__all__ = ["OUTPUT_CONVENTIONS", "internal_to_release", "ToReleaseLabelsd", "case_name_formatter"]
+__all__ = [
+    "OUTPUT_CONVENTIONS",
+    "internal_to_release",
+    "ToReleaseLabelsd",
+    "EmptyBrainToBackgroundd",
+    "AtomicNibabelWriter",
+    "check_output_dir",
+    "case_name_formatter",
+]
 
 # "internal" is 0 background, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing (the BraTS 2023+ values)
 OUTPUT_CONVENTIONS = (*LABEL_MAPS, "internal")
@@ -104,3 +116,90 @@ def case_name_formatter(metadict: dict, saver: Transform) -> dict:
         the keyword arguments of ``FolderLayout.filename``.
     """
     return {"subject": str(metadict.get("case_id", getattr(saver, "_data_index", 0))), "idx": None}
+
+
+class EmptyBrainToBackgroundd(MapTransform):
+    """Segment a case whose every input voxel is 0 (an empty brain) as all background, with a warning naming it.
+
+    ``scripts.brats_loading.LoadBraTSCased`` records ``empty_brain`` in the image's metadata; z-scoring over brain
+    voxels leaves such an image at 0 and the network's output on it is meaningless, so the prediction is replaced
+    by background (0) everywhere and a ``UserWarning`` (also logged) names the case and its files.
+
+    Args:
+        keys: keys of the predicted label maps.
+        ref_key: key of the input image holding the case metadata.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: Hashable = "image", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
+        self.logger = logging.getLogger(type(self).__name__)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        meta = _case_meta(d, next(iter(self.keys)), self.ref_key)
+        if not bool(meta.get("empty_brain", False)):
+            return d
+        message = (
+            f"case {meta.get('case_id', '?')}: every voxel of {meta.get('source_files', '?')} is 0 (empty brain "
+            "volume); its segmentation is all background."
+        )
+        warnings.warn(message, UserWarning, stacklevel=2)
+        self.logger.warning(message)
+        for key in self.key_iterator(d):
+            d[key] = torch.zeros_like(d[key])
+        return d
+
+
+class AtomicNibabelWriter(NibabelWriter):
+    """``NibabelWriter`` whose files appear complete or not at all (for ``SaveImaged(writer=...)``).
+
+    Each file is written under a hidden temporary name in its destination folder (``.<name>.XXXX.nii.gz``) and
+    renamed over the destination only when complete, so an interrupted or failing run never leaves a truncated
+    segmentation or damages a previous good one of the same name.
+    """
+
+    def write(self, filename: str | os.PathLike, verbose: bool = False, **obj_kwargs: Any) -> None:
+        """Write the image to ``filename`` atomically (see ``NibabelWriter.write`` for the arguments)."""
+        filename = os.fspath(filename)
+        folder, name = os.path.split(os.path.abspath(filename))
+        suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
+        os.close(fd)
+        try:
+            super().write(tmp, verbose=False, **obj_kwargs)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+            os.replace(tmp, filename)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if verbose:
+            logging.getLogger(type(self).__name__).info(f"writing: {filename}")
+
+
+def check_output_dir(path: str | os.PathLike) -> str:
+    """Create the output folder if needed and check that files can be written in it, before any computation.
+
+    Args:
+        path: the output folder.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        PermissionError: naming the folder, if it cannot be created or written to (a parent is a file, read-only
+            file system, no permission).
+    """
+    path = os.fspath(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError("no write permission")
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise PermissionError(f"output folder {path} cannot be created or written to: {e}") from e
+    return path

@@ -78,7 +78,8 @@ class BraTSMetricsReport:
     The evaluator's post-processed output must hold, per case, ``pred`` and ``label`` as region channels
     (``scripts.brats_regions.LabelToRegionsd``); the ``case_id`` is read from the (decollated) input batch.
     When the run completes, the table is printed and the CSV is written to ``output_dir/filename`` in one atomic
-    step, so an interrupted evaluation never leaves a partial file where a previous good one was.
+    step, so an interrupted evaluation never leaves a partial file where a previous good one was. In a distributed
+    run (``torch.distributed`` initialised) every process's rows are gathered and rank 0 alone writes them.
 
     Args:
         output_dir: folder of the CSV, created if needed.
@@ -119,11 +120,24 @@ class BraTSMetricsReport:
             metrics = case_metrics(output["pred"], output["label"], self.regions)
             self.rows.append({"case_id": data["case_id"], **metrics})
 
+    def _gather(self) -> list[dict[str, Any]] | None:
+        """Every process's rows on rank 0 (None on the other ranks); the local rows when not distributed."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return self.rows
+        gathered: list[list[dict[str, Any]]] = [[] for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather_object(gathered, self.rows)
+        if torch.distributed.get_rank() != 0:
+            return None
+        return [row for rows in gathered for row in rows]
+
     def _write(self, engine: Engine) -> None:
-        if not self.rows:
+        rows = self._gather()
+        if rows is None:  # another rank writes
+            return
+        if not rows:
             raise RuntimeError("BraTSMetricsReport: the evaluation produced no case, nothing to report.")
-        columns = list(self.rows[0])
-        rows = sorted(self.rows, key=lambda r: r["case_id"])
+        columns = list(rows[0])
+        rows = sorted(rows, key=lambda r: r["case_id"])
         mean = {"case_id": "mean", **{c: float(np.mean([r[c] for r in rows])) for c in columns[1:]}}
         os.makedirs(self.output_dir, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=f".{self.filename}.", suffix=".tmp")

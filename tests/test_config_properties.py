@@ -40,3 +40,18 @@ def test_workflow_config_defines_every_training_property(config_file, tmp_path, 
     )
     workflow.initialize()
     assert workflow.check_properties() == []
+
+
+def test_inference_config_defines_every_inference_property(tmp_path, monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    write_synthetic_dataset(tmp_path / "data", num_cases=1, shape=(32, 32, 16))
+    workflow = ConfigWorkflow(
+        config_file="configs/inference.json",
+        meta_file="configs/metadata.json",
+        logging_file="configs/logging.conf",
+        workflow_type="infer",
+        bundle_root=str(tmp_path),
+        dataset_dir=str(tmp_path / "data"),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
