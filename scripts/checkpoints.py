@@ -263,7 +263,12 @@ def _network_state(checkpoint: Any, key: str, path: str, what: str) -> Mapping[s
 
 
 def check_network_checkpoint(
-    network: nn.Module, path: str, key: str = "model", what: str = "checkpoint", max_keys: int = 5
+    network: nn.Module,
+    path: str,
+    key: str = "model",
+    what: str = "checkpoint",
+    max_keys: int = 5,
+    config_id: str = "network_def",
 ) -> Mapping[str, torch.Tensor]:
     """Check that a checkpoint fits a network, with a message that says what differs.
 
@@ -277,6 +282,7 @@ def check_network_checkpoint(
         key: the entry holding the weights when the checkpoint holds more than the network.
         what: how to call the file in messages.
         max_keys: how many mismatching keys a message lists.
+        config_id: the config id defining ``network``, named in messages.
 
     Returns:
         the checkpoint's network state dict.
@@ -318,8 +324,8 @@ def check_network_checkpoint(
             if keys
         ]
         raise CheckpointMismatchError(
-            f"{what} {path} does not fit the config's network ({type(network).__name__}, e.g. other channel "
-            "widths: --network_def#channels); " + "; ".join(details)
+            f"{what} {path} does not fit {config_id} ({type(network).__name__}: other channel widths or depth?); "
+            + "; ".join(details)
         )
     return state
 

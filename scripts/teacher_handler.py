@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Mapping
-from typing import Any
 
 import torch
 from ignite.engine import Engine, Events
@@ -15,22 +13,14 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
 from torch import nn
 
+from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint
+
 __all__ = ["TEACHER_PRED", "TeacherCheckpointError", "load_teacher", "FrozenTeacherHandler"]
 
 TEACHER_PRED = "teacher_pred"  # key of the teacher's logits in the trainer's iteration output
 
 
-class TeacherCheckpointError(RuntimeError):
-    """The teacher checkpoint is missing, unreadable or does not fit the teacher network."""
-
-
-def _state_dict(checkpoint: Any, path: str) -> Mapping[str, torch.Tensor]:
-    """The network weights of a checkpoint: a plain state dict, or its ``model`` entry when it holds more."""
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise TeacherCheckpointError(f"teacher checkpoint {path} holds no network state dict.")
-    return checkpoint
+TeacherCheckpointError = CheckpointMismatchError  # the teacher's file is missing, unreadable or does not fit
 
 
 def load_teacher(teacher: nn.Module, path: str, max_keys: int = 5) -> nn.Module:
@@ -38,47 +28,25 @@ def load_teacher(teacher: nn.Module, path: str, max_keys: int = 5) -> nn.Module:
 
     Args:
         teacher: the teacher network, as defined by the config's ``teacher_def``.
-        path: checkpoint file written by the teacher's training (``models/teacher.pt``).
+        path: checkpoint file written by the teacher's training (``models/teacher.pt``): a state dict, or a
+            checkpoint whose ``model`` entry is one.
         max_keys: how many mismatching keys an error message lists.
 
     Returns:
         the frozen ``teacher``.
 
     Raises:
-        TeacherCheckpointError: if the file is missing or unreadable, or its keys or shapes differ from the
-            teacher's (the message names the file and the first mismatching keys).
+        TeacherCheckpointError: if the file is missing, cannot be read safely, or its keys or shapes differ from
+            the teacher's (the message names the file and the first mismatching keys).
     """
     if not os.path.isfile(path):
         raise TeacherCheckpointError(
             f"teacher checkpoint {path} not found: train the teacher first (python -m monai.bundle run training "
             "--config_file configs/train.json) or point --teacher_ckpt to its checkpoint."
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TeacherCheckpointError(f"cannot read teacher checkpoint {path}: {e}") from e
-    state = _state_dict(checkpoint, path)
-    expected = teacher.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [
-        f"{k} {list(state[k].shape)} vs {list(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong_shape:
-        details = [
-            f"{what} ({len(keys)}): {', '.join(keys[:max_keys])}{', ...' if len(keys) > max_keys else ''}"
-            for what, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatch", wrong_shape),
-            )
-            if keys
-        ]
-        raise TeacherCheckpointError(
-            f"teacher checkpoint {path} does not fit teacher_def ({type(teacher).__name__}); " + "; ".join(details)
-        )
+    state = check_network_checkpoint(
+        teacher, path, what="teacher checkpoint", max_keys=max_keys, config_id="teacher_def"
+    )
     teacher.load_state_dict(state)
     return teacher.eval().requires_grad_(False)
 

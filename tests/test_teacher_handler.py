@@ -72,7 +72,7 @@ def test_checkpoint_carrying_pickled_code_is_refused(tmp_path):
 
     with open(tmp_path / "evil.pt", "wb") as f:
         pickle.dump({"model": Payload()}, f)
-    with pytest.raises(TeacherCheckpointError, match=r"cannot read teacher checkpoint .*evil\.pt"):
+    with pytest.raises(TeacherCheckpointError, match=r"teacher checkpoint .*evil\.pt is refused"):
         load_teacher(tiny_teacher(), str(tmp_path / "evil.pt"))
 
 
