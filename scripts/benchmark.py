@@ -1,0 +1,662 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Speed, memory and cost of the student, the teacher and MONAI's BraTS SegResNet, measured in one process.
+
+All figures come from one real-sized four-sequence case (the shared BraTS sample when present, else a synthetic
+240 x 240 x 155 one) on one device, with random weights (weights do not change the timing):
+
+- inference latency per volume, network only (the preprocessed tensor through the inferer) and end to end (NIfTI
+  files in, NIfTI label out), median over ``repeats`` runs after one warm-up run, and the peak memory of one more run;
+- parameters, GFLOPs (per 128 x 128 slice for the 2D networks, per 240 x 240 x 160 window for SegResNet) and the
+  achieved GFLOP/s against the practical peak of the device (a large float32 matmul, timed in the same run);
+- training throughput (slices per second) of teacher training, student-alone training and online distillation.
+
+The 2D networks run exactly as ``configs/inference.json`` deploys them (its preprocessing, ``SliceInferer`` and
+post-processing with the atomic writer); the peer is the Model Zoo ``brats_mri_segmentation`` bundle's network
+and ``SlidingWindowInferer``. Results go to ``output_dir``: ``benchmark.json``, ``benchmark.md`` (printed at the
+end) and ``benchmark.png``. Example::
+
+    python -m scripts.benchmark --output_dir docs/benchmark --repeats 5
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import fire
+import matplotlib
+import monai
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from monai.data import decollate_batch, list_data_collate
+from monai.inferers import Inferer, SlidingWindowInferer
+from monai.networks.nets import SegResNet
+from monai.transforms import (
+    Activationsd,
+    AsDiscreted,
+    Compose,
+    EnsureChannelFirstd,
+    LoadImaged,
+    NormalizeIntensityd,
+    SaveImaged,
+)
+from torch import nn
+from tqdm import tqdm
+
+from scripts.brats_data import find_cases
+from scripts.compare_models import load_config
+from scripts.synthetic_brats import write_synthetic_dataset
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+__all__ = ["MODELS", "benchmark", "conv_gflops_of", "main", "matmul_gflops_per_s", "peak_memory_mib"]
+
+DEFAULT_CASE_DIR = os.path.join("..", "shared", "data", "brats_sample", "TCGA-DU-7294")
+SYNTHETIC_SHAPE = (240, 240, 155)
+QUICK_SHAPE = (32, 32, 16)
+TEACHER_CHANNELS = [64, 128, 256, 512, 1024]
+SLICE_SIZE = 128  # side of the slice the 2D networks' GFLOPs are reported for
+PEER_ROI = (240, 240, 160)  # the Model Zoo brats_mri_segmentation bundle's sliding window
+PEER_DIVISOR = 8  # SegResNet with 4 down levels needs every side of its input divisible by 2 ** 3
+PEER_SEQUENCES = ("flair", "t1", "t1ce", "t2")
+MATMUL_SIZE, QUICK_MATMUL_SIZE = 2048, 256
+TRAIN_BATCH, TRAIN_PATCH = 16, 128
+QUICK_TRAIN_BATCH, QUICK_TRAIN_PATCH = 2, 16
+# model key -> name in the reports
+MODELS = {
+    "student": "Student (SeparableUNet 16-256, 2D)",
+    "teacher": "Teacher (SeparableUNet 64-1024, 2D)",
+    "segresnet": "SegResNet (Model Zoo brats_mri_segmentation, 3D)",
+}
+TRAINING_MODES = {
+    "teacher": "Teacher training",
+    "student_alone": "Student alone",
+    "distillation": "Online distillation (student + frozen teacher)",
+}
+MEMORY_METHOD = {
+    "cpu": (
+        "peak resident set size (VmHWM of /proc/self/status, reset through /proc/self/clear_refs) minus the resident "
+        "size just before the run, after gc and malloc_trim; it includes allocator slack and counts memory the "
+        "process already held only once, so it is the extra RAM the run needed, not the bytes torch allocated"
+    ),
+    "cuda": "torch.cuda.max_memory_allocated minus the memory allocated before the run (tensors only, no cache)",
+}
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_runs(run: Callable[[], Any], repeats: int, device: torch.device) -> list[float]:
+    """Wall time of ``repeats`` calls of ``run`` in seconds (the device synchronised before each clock reading)."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+@contextlib.contextmanager
+def _counting_conv_flops(network: nn.Module) -> Iterator[list[int]]:
+    """Count the multiply-adds of the network's convolutions while the block runs; yields a one-item list."""
+    macs = [0]
+
+    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        kernel = math.prod(module.kernel_size)
+        if isinstance(module, _CONV_TRANSPOSE):
+            macs[0] += inputs[0].numel() * module.out_channels // module.groups * kernel
+        else:
+            macs[0] += output.numel() * module.in_channels // module.groups * kernel
+
+    handles = [m.register_forward_hook(count) for m in network.modules() if isinstance(m, _CONV + _CONV_TRANSPOSE)]
+    try:
+        yield macs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def conv_gflops_of(network: nn.Module, input_shape: Sequence[int]) -> float:
+    """GFLOPs (2 x multiply-adds / 1e9) of a network's convolutions for one input, 1D, 2D or 3D.
+
+    The counting rule is that of ``scripts.compare_models.conv_gflops``, extended to every dimensionality:
+    convolutions count ``output elements x in_channels / groups x kernel volume`` multiply-adds, transposed ones
+    ``input elements x out_channels / groups x kernel volume``; biases, normalisation, activations, pooling and
+    upsampling are left out. A copy of the network runs on the ``meta`` device, so nothing is computed.
+
+    Args:
+        network: the network (left untouched).
+        input_shape: the input's shape, batch dimension included, e.g. ``(1, 4, 240, 240, 160)``.
+
+    Returns:
+        the GFLOPs of one forward pass on that input.
+    """
+    meta = copy.deepcopy(network).to("meta").eval()
+    with _counting_conv_flops(meta) as macs, torch.no_grad():
+        meta(torch.zeros(tuple(input_shape), device="meta"))
+    return 2 * macs[0] / 1e9
+
+
+def _release_free_memory() -> None:
+    """Collect garbage and hand the C heap's free pages back to the OS, so later allocations show in RSS."""
+    gc.collect()
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is not None:
+        libc = ctypes.CDLL(libc_name)
+        if hasattr(libc, "malloc_trim"):  # glibc only
+            libc.malloc_trim(0)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field} line.")
+
+
+def peak_memory_mib(run: Callable[[], Any], device: torch.device) -> float | None:
+    """Extra memory one call of ``run`` needed at its peak, in MiB (see ``MEMORY_METHOD`` for what is counted).
+
+    Args:
+        run: the call to measure.
+        device: ``cpu`` (peak RSS increase, Linux only) or ``cuda`` (``torch.cuda.max_memory_allocated``).
+
+    Returns:
+        the peak increase in MiB, or None on a CPU whose OS cannot reset the peak RSS (not Linux); ``run`` is called
+        once either way.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    _release_free_memory()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        before = _status_kib("VmRSS")
+    except OSError:
+        run()
+        return None
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def matmul_gflops_per_s(size: int, repeats: int, device: torch.device) -> dict[str, float]:
+    """Practical float32 peak of the device: GFLOP/s of a ``size`` x ``size`` by ``size`` x ``size`` matmul.
+
+    Args:
+        size: side of the square matrices.
+        repeats: timed products after one warm-up product; the median is reported.
+        device: where the product runs.
+
+    Returns:
+        ``size``, ``median_s`` and ``gflops_per_s`` (``2 * size**3 / 1e9 / median_s``).
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
+    torch.mm(a, b)
+    median = statistics.median(_timed_runs(lambda: torch.mm(a, b), repeats, device))
+    return {"size": size, "median_s": median, "gflops_per_s": 2 * size**3 / 1e9 / median}
+
+
+def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type) if amp else contextlib.nullcontext()
+
+
+def _bundle_model(
+    bundle_root: str, dataset_dir: str, output_dir: str, device: torch.device, channels: list[int] | None
+) -> dict[str, Any]:
+    """``configs/inference.json``'s network (random weights), preprocessing, inferer, post-processing and case."""
+    parser = ConfigParser()
+    parser.read_config(os.path.join(bundle_root, "configs", "inference.json"))
+    parser["bundle_root"] = bundle_root
+    parser["dataset_dir"] = dataset_dir
+    parser["output_dir"] = output_dir
+    parser["device"] = f"$torch.device('{device}')"
+    if channels is not None:
+        parser["network_def#channels"] = channels
+    return {
+        "network": parser.get_parsed_content("network").eval(),
+        "preprocessing": parser.get_parsed_content("preprocessing"),
+        "inferer": parser.get_parsed_content("inferer"),
+        "postprocessing": parser.get_parsed_content("postprocessing"),
+        "case": parser.get_parsed_content("datalist")[0],
+        "nominal_input": (1, len(parser.get_parsed_content("modalities")), SLICE_SIZE, SLICE_SIZE),
+        "nominal_unit": f"{SLICE_SIZE}x{SLICE_SIZE} slice",
+    }
+
+
+def _peer_model(dataset_dir: str, output_dir: str, device: torch.device, roi_size: Sequence[int]) -> dict[str, Any]:
+    """The Model Zoo ``brats_mri_segmentation`` SegResNet (random weights) with its inferer and pre/post-processing."""
+    case = find_cases(dataset_dir, PEER_SEQUENCES, require_label=False)[0]
+    network = SegResNet(
+        blocks_down=[1, 2, 2, 4],
+        blocks_up=[1, 1, 1],
+        init_filters=16,
+        in_channels=len(PEER_SEQUENCES),
+        out_channels=3,
+        dropout_prob=0.2,
+    )
+    return {
+        "network": network.to(device).eval(),
+        "preprocessing": Compose(
+            [
+                LoadImaged(keys="image", image_only=True),
+                EnsureChannelFirstd(keys="image"),
+                NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+            ]
+        ),
+        "inferer": SlidingWindowInferer(roi_size=list(roi_size), sw_batch_size=1, overlap=0.5),
+        "postprocessing": Compose(
+            [
+                Activationsd(keys="pred", sigmoid=True),
+                AsDiscreted(keys="pred", threshold=0.5),
+                SaveImaged(
+                    keys="pred",
+                    output_dir=output_dir,
+                    output_postfix="seg",
+                    output_dtype=np.uint8,
+                    separate_folder=False,
+                    resample=False,
+                    print_log=False,
+                ),
+            ]
+        ),
+        "case": {"image": case["image"]},
+        "nominal_input": (1, len(PEER_SEQUENCES), *roi_size),
+        "nominal_unit": "x".join(str(n) for n in roi_size) + " window",
+    }
+
+
+def _benchmark_inference(
+    model: dict[str, Any], repeats: int, device: torch.device, amp: bool, progress: tqdm
+) -> dict[str, Any]:
+    """Network-only and end-to-end latency, peak memory and FLOPs of one model on its case."""
+    network: nn.Module = model["network"]
+    inferer: Inferer = model["inferer"]
+    preprocessing, postprocessing, case = model["preprocessing"], model["postprocessing"], model["case"]
+    image = list_data_collate([preprocessing(case)])["image"].as_tensor().to(device)
+
+    def network_only() -> None:
+        with torch.no_grad(), _autocast(device, amp):
+            inferer(image, network)
+
+    def end_to_end() -> None:
+        batch = list_data_collate([preprocessing(case)])
+        inputs = batch["image"].to(device)
+        with torch.no_grad(), _autocast(device, amp):
+            pred = inferer(inputs, network)
+        for item in decollate_batch({"image": inputs, "pred": pred}):
+            postprocessing(item)
+
+    results: dict[str, Any] = {"volume_shape": list(image.shape[2:])}
+    with _counting_conv_flops(network) as macs:  # the warm-up run also counts the FLOPs of the whole volume
+        network_only()
+    progress.update()
+    for name, run in (("network", network_only), ("end_to_end", end_to_end)):
+        if name == "end_to_end":
+            run()  # warm-up
+            progress.update()
+        runs = _timed_runs(run, repeats, device)
+        progress.update(repeats)
+        results[f"{name}_s"] = statistics.median(runs)
+        results[f"{name}_runs_s"] = runs
+        results[f"{name}_peak_mib"] = peak_memory_mib(run, device)
+        progress.update()
+    results["parameters"] = sum(p.numel() for p in network.parameters())
+    results["gflops_nominal"] = conv_gflops_of(network, model["nominal_input"])
+    results["nominal_unit"] = model["nominal_unit"]
+    results["gflops_volume"] = 2 * macs[0] / 1e9
+    results["achieved_gflops_per_s"] = results["gflops_volume"] / results["network_s"]
+    return results
+
+
+def _training_setup(
+    config_file: str, bundle_root: str, device: torch.device, overrides: dict[str, Any] | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, ConfigParser]:
+    """A training config's network (random weights, train mode), optimizer and loss."""
+    parser = load_config(config_file, bundle_root, bundle_root, overrides)
+    parser["device"] = f"$torch.device('{device}')"
+    network = parser.get_parsed_content("network").train()
+    return network, parser.get_parsed_content("optimizer"), parser.get_parsed_content("loss"), parser
+
+
+def _benchmark_training(
+    bundle_root: str, batch: int, patch: int, iterations: int, device: torch.device, amp: bool, progress: tqdm
+) -> dict[str, Any]:
+    """Seconds per iteration and slices per second of teacher, student-alone and distillation training."""
+    train_json = os.path.join(bundle_root, "configs", "train.json")
+    distill_json = os.path.join(bundle_root, "configs", "distill.json")
+    setups = {
+        "teacher": _training_setup(train_json, bundle_root, device),
+        "student_alone": _training_setup(distill_json, bundle_root, device, {"kd_weight": 0.0}),
+        "distillation": _training_setup(distill_json, bundle_root, device),
+    }
+    distill_parser = setups["distillation"][3]
+    teacher = distill_parser.get_parsed_content("teacher_def").to(device).eval().requires_grad_(False)
+    generator = torch.Generator().manual_seed(0)
+    in_channels = len(distill_parser.get_parsed_content("modalities"))
+    num_classes = distill_parser.get_parsed_content("num_classes")
+    images = torch.randn(batch, in_channels, patch, patch, generator=generator).to(device)
+    labels = torch.randint(0, num_classes, (batch, 1, patch, patch), generator=generator).to(device)
+
+    results: dict[str, Any] = {"batch": batch, "patch_size": patch, "iterations": iterations}
+    for mode, (network, optimizer, loss_function, _) in setups.items():
+        scaler = torch.amp.GradScaler(device.type, enabled=amp)
+
+        def step(network=network, optimizer=optimizer, loss_function=loss_function, scaler=scaler, mode=mode) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, amp):
+                if mode == "teacher":
+                    loss = loss_function(network(images), labels)
+                else:  # as FrozenTeacherHandler: the teacher first, on the same batch, unless kd_weight is 0
+                    with torch.no_grad():
+                        teacher_logits = teacher(images) if mode == "distillation" else None
+                    loss = loss_function(network(images), labels, teacher_logits)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        step()  # warm-up
+        runs = _timed_runs(step, iterations, device)
+        progress.update(1 + iterations)
+        seconds = statistics.median(runs)
+        results[mode] = {"iteration_s": seconds, "iteration_runs_s": runs, "slices_per_s": batch / seconds}
+    results["distillation_over_student_alone"] = (
+        results["distillation"]["iteration_s"] / results["student_alone"]["iteration_s"]
+    )
+    return results
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _machine(device: torch.device, amp: bool) -> dict[str, Any]:
+    machine = {
+        "device": str(device),
+        "amp": amp,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python_version": platform.python_version(),
+        "torch_version": torch.__version__,
+        "monai_version": monai.__version__,
+    }
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return machine
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call ``write`` on a temporary file next to ``path``, then move it onto ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    """The report: context line, inference table, ratios, training table and how each figure was measured."""
+    machine, case, matmul, training = results["machine"], results["case"], results["matmul"], results["training"]
+    device = machine.get("gpu", machine["cpu_model"])
+    lines = [
+        f"Measured {results['date_utc']} on {machine['device']} ({device}, {machine['cpu_count']} CPUs, "
+        f"{machine['torch_threads']} torch threads{', AMP' if machine['amp'] else ''}), torch "
+        f"{machine['torch_version']}, MONAI {machine['monai_version']}; case {case['source']} "
+        f"({'x'.join(str(n) for n in case['shape'])}), median of {results['repeats']} runs after one warm-up, "
+        "random weights.",
+        "",
+        "| Model | Parameters | GFLOPs (unit) | GFLOPs / volume | Network only (s) | End to end (s) "
+        "| Peak MiB network | Peak MiB end to end | Achieved GFLOP/s | % of matmul peak |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for key, model in results["models"].items():
+        lines.append(
+            f"| {MODELS[key]} | {model['parameters']:,} | {model['gflops_nominal']:.2f} ({model['nominal_unit']}) "
+            f"| {model['gflops_volume']:,.1f} | {model['network_s']:.3f} | {model['end_to_end_s']:.3f} "
+            f"| {_mib(model['network_peak_mib'])} | {_mib(model['end_to_end_peak_mib'])} "
+            f"| {model['achieved_gflops_per_s']:.1f} | {100 * model['fraction_of_matmul_peak']:.1f} |"
+        )
+    ratios = results["ratios"]
+    lines += [
+        "",
+        f"Student speed-up: {ratios['segresnet_over_student_network']:.2f}x over SegResNet and "
+        f"{ratios['teacher_over_student_network']:.2f}x over the teacher (network only); "
+        f"{ratios['segresnet_over_student_end_to_end']:.2f}x and {ratios['teacher_over_student_end_to_end']:.2f}x "
+        f"end to end. Practical peak: {matmul['gflops_per_s']:.1f} GFLOP/s (float32 {matmul['size']}x"
+        f"{matmul['size']} matmul, median {matmul['median_s'] * 1e3:.1f} ms).",
+        "",
+        f"| Training ({training['batch']} patches of {training['patch_size']}x{training['patch_size']}) "
+        "| s / iteration | slices / s |",
+        "| --- | ---: | ---: |",
+    ]
+    for mode, name in TRAINING_MODES.items():
+        lines.append(f"| {name} | {training[mode]['iteration_s']:.3f} | {training[mode]['slices_per_s']:.1f} |")
+    lines += [
+        "",
+        f"Distillation / student-alone time per iteration: {training['distillation_over_student_alone']:.2f}.",
+        "",
+        "Network only: the preprocessed volume through the inferer (2D networks: `SliceInferer`, 32 slices a batch, "
+        "on the `DivisiblePad`ded volume as `configs/inference.json`; SegResNet: `SlidingWindowInferer`, one "
+        "window a batch, overlap 0.5). End to end: NIfTI files in, NIfTI label out (`configs/inference.json`'s "
+        "preprocessing, inferer and post-processing with the atomic writer; for SegResNet: load the 4 sequences, "
+        "z-score, inferer, sigmoid, threshold, save). GFLOPs: 2 x multiply-adds of the convolutions; per volume, "
+        "counted during the warm-up run (so it includes padding and overlapping windows). Achieved GFLOP/s: "
+        "volume GFLOPs / network-only latency. Peak memory: "
+        f"{MEMORY_METHOD[machine['device'].split(':')[0]]}. Training: {training['iterations']} timed iterations "
+        "(Adam, configs' losses: DiceCE, distillation loss with the frozen teacher's forward pass) after one warm-up, "
+        "same random batch for all three.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _write_figure(path: Path, results: dict[str, Any]) -> None:
+    """Grouped bars: network-only and end-to-end latency of each model, log scale."""
+    models = results["models"]
+    x = np.arange(len(models))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    for offset, (key, label) in zip((-0.2, 0.2), (("network_s", "network only"), ("end_to_end_s", "end to end"))):
+        values = [model[key] for model in models.values()]
+        bars = ax.bar(x + offset, values, width=0.4, label=label)
+        ax.bar_label(bars, labels=[f"{v:.2f} s" for v in values], fontsize=8)
+    ax.set_xticks(x, [MODELS[key].replace(" (", "\n(") for key in models], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("latency per volume (s, log scale)")
+    shape = "x".join(str(n) for n in results["case"]["shape"])
+    ax.set_title(f"Inference latency, {shape} volume, {results['machine']['device']}", fontsize=10)
+    ax.legend(fontsize=8)
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def _prepare_case(case_dir: str | None, quick: bool, bundle_root: str, workdir: Path) -> tuple[str, str]:
+    """A dataset folder holding the one benchmark case, and where the case comes from."""
+    dataset_dir = workdir / "data"
+    if not quick:
+        source = Path(case_dir) if case_dir is not None else Path(bundle_root) / DEFAULT_CASE_DIR
+        if case_dir is not None and not source.is_dir():
+            raise FileNotFoundError(f"case_dir {case_dir} is not a folder.")
+        if source.is_dir():
+            dataset_dir.mkdir()
+            (dataset_dir / source.name).symlink_to(source.resolve(), target_is_directory=True)
+            return str(dataset_dir), str(source)
+    shape = QUICK_SHAPE if quick else SYNTHETIC_SHAPE
+    write_synthetic_dataset(dataset_dir, num_cases=1, shape=shape)
+    return str(dataset_dir), "synthetic " + "x".join(str(n) for n in shape)
+
+
+def benchmark(
+    output_dir: str,
+    case_dir: str | None = None,
+    repeats: int = 5,
+    quick: bool = False,
+    device: str = "cpu",
+    amp: bool = False,
+    bundle_root: str = ".",
+) -> dict[str, Any]:
+    """Measure the three models on one case in this process and write the reports; see the module docstring.
+
+    Args:
+        output_dir: folder of ``benchmark.json``, ``benchmark.md`` and ``benchmark.png``, created if needed.
+        case_dir: a BraTS 2020/2021 or 2023 case folder (four sequences); default: the shared sample
+            ``../shared/data/brats_sample/TCGA-DU-7294`` when present, else a synthetic 240 x 240 x 155 case.
+        repeats: timed runs per measurement (and timed training iterations), after one warm-up.
+        quick: a small synthetic 32 x 32 x 16 case, a 256 x 256 matmul, 2 training patches of 16 x 16 and
+            SegResNet's window fitted to the volume, for tests; ``case_dir`` is then ignored.
+        device: ``cpu`` or ``cuda`` (``cuda:N``).
+        amp: mixed precision (autocast, and gradient scaling in training) on CUDA; ignored on CPU, as in the configs.
+        bundle_root: the bundle root (its ``configs/`` are read).
+
+    Returns:
+        the results, as written to ``benchmark.json``, plus ``files``: the paths written.
+
+    Raises:
+        ValueError: if ``repeats`` < 1, the device is neither CPU nor CUDA, or CUDA is requested but not available.
+        FileNotFoundError: if ``case_dir`` is given but is not a folder.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    torch_device = torch.device(device)
+    if torch_device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}.")
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here (torch {torch.__version__}).")
+    amp = amp and torch_device.type == "cuda"  # as the configs' use_amp: ignored on CPU
+    bundle_root = os.path.abspath(bundle_root)
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": _machine(torch_device, amp),
+        "repeats": repeats,
+        "quick": quick,
+    }
+    with tempfile.TemporaryDirectory(prefix="brats_benchmark_") as tmp:
+        workdir = Path(tmp)
+        dataset_dir, source = _prepare_case(case_dir, quick, bundle_root, workdir)
+        seg_dir = str(workdir / "segmentations")
+        student = _bundle_model(bundle_root, dataset_dir, seg_dir, torch_device, None)
+        shape = list(student["preprocessing"](student["case"])["image"].shape[1:])
+        roi = [math.ceil(n / PEER_DIVISOR) * PEER_DIVISOR for n in shape] if quick else list(PEER_ROI)
+        results["case"] = {"source": source, "shape": shape}
+        models = {
+            "student": student,
+            "teacher": _bundle_model(bundle_root, dataset_dir, seg_dir, torch_device, TEACHER_CHANNELS),
+            "segresnet": _peer_model(dataset_dir, seg_dir, torch_device, roi),
+        }
+        iterations = repeats
+        steps = len(models) * (2 * repeats + 4) + len(TRAINING_MODES) * (1 + iterations) + 1
+        with tqdm(total=steps, desc="benchmark") as progress:
+            results["matmul"] = matmul_gflops_per_s(QUICK_MATMUL_SIZE if quick else MATMUL_SIZE, repeats, torch_device)
+            progress.update()
+            results["models"] = {}
+            for key, model in models.items():
+                progress.set_postfix_str(key)
+                results["models"][key] = _benchmark_inference(model, repeats, torch_device, amp, progress)
+            progress.set_postfix_str("training")
+            results["training"] = _benchmark_training(
+                bundle_root,
+                QUICK_TRAIN_BATCH if quick else TRAIN_BATCH,
+                QUICK_TRAIN_PATCH if quick else TRAIN_PATCH,
+                iterations,
+                torch_device,
+                amp,
+                progress,
+            )
+    latency = results["models"]
+    for model in latency.values():
+        model["fraction_of_matmul_peak"] = model["achieved_gflops_per_s"] / results["matmul"]["gflops_per_s"]
+    results["ratios"] = {
+        f"{other}_over_student_{kind}": latency[other][f"{kind}_s"] / latency["student"][f"{kind}_s"]
+        for other in ("segresnet", "teacher")
+        for kind in ("network", "end_to_end")
+    }
+    results["memory_method"] = MEMORY_METHOD[torch_device.type]
+
+    files = {name: output / f"benchmark.{name}" for name in ("json", "md", "png")}
+    report = _markdown(results)
+    _write_text(files["json"], json.dumps(results, indent=4) + "\n")
+    _write_text(files["md"], report)
+    _write_figure(files["png"], results)
+    print(report)
+    for path in files.values():
+        print(f"written: {path}")
+    return {**results, "files": {name: str(path) for name, path in files.items()}}
+
+
+def main(
+    output_dir: str = "docs/benchmark",
+    case_dir: str | None = None,
+    repeats: int = 5,
+    quick: bool = False,
+    device: str = "cpu",
+    amp: bool = False,
+    bundle_root: str = ".",
+) -> None:
+    """Command-line entry: benchmark student, teacher and SegResNet; see :func:`benchmark`.
+
+    Args:
+        output_dir: folder of the reports.
+        case_dir: a four-sequence BraTS case folder; default the shared sample, else a synthetic case.
+        repeats: timed runs per measurement, after one warm-up.
+        quick: small synthetic case and workloads, for tests.
+        device: ``cpu`` or ``cuda``.
+        amp: mixed precision on CUDA; ignored on CPU.
+        bundle_root: the bundle root.
+    """
+    benchmark(
+        output_dir, case_dir=case_dir, repeats=repeats, quick=quick, device=device, amp=amp, bundle_root=bundle_root
+    )
+
+
+if __name__ == "__main__":
+    fire.Fire(main)

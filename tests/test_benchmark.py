@@ -1,0 +1,96 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""scripts/benchmark.py: one quick run writes consistent figures for the three models; the counters it relies on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from monai.networks.nets import SegResNet
+
+from scripts import benchmark
+from scripts.compare_models import conv_gflops
+from scripts.separable_unet import SeparableUNet
+
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One ``--quick`` benchmark (small synthetic case, one repeat) shared by the tests of this module."""
+    output_dir = tmp_path_factory.mktemp("benchmark")
+    return benchmark.benchmark(str(output_dir), quick=True, repeats=1, bundle_root=str(BUNDLE_ROOT))
+
+
+def test_quick_run_times_the_three_models_network_only_and_end_to_end(quick_run):
+    assert set(quick_run["models"]) == {"student", "teacher", "segresnet"}
+    for model in quick_run["models"].values():
+        assert model["network_s"] > 0 and model["end_to_end_s"] > 0
+        assert model["gflops_volume"] > 0 and model["achieved_gflops_per_s"] > 0
+    assert quick_run["matmul"]["gflops_per_s"] > 0
+    assert set(quick_run["training"]) >= {"teacher", "student_alone", "distillation"}
+    assert all(quick_run["training"][mode]["slices_per_s"] > 0 for mode in benchmark.TRAINING_MODES)
+
+
+def test_parameter_counts_are_those_of_the_student_teacher_and_model_zoo_segresnet(quick_run):
+    segresnet = SegResNet(
+        blocks_down=[1, 2, 2, 4], blocks_up=[1, 1, 1], init_filters=16, in_channels=4, out_channels=3, dropout_prob=0.2
+    )
+    models = quick_run["models"]
+    assert models["student"]["parameters"] == 605_679
+    assert models["teacher"]["parameters"] == 9_475_935
+    assert models["segresnet"]["parameters"] == sum(p.numel() for p in segresnet.parameters())
+
+
+def test_ratios_are_peer_and_teacher_latency_over_student_latency(quick_run):
+    models, ratios = quick_run["models"], quick_run["ratios"]
+    for other in ("segresnet", "teacher"):
+        for kind in ("network", "end_to_end"):
+            expected = models[other][f"{kind}_s"] / models["student"][f"{kind}_s"]
+            assert ratios[f"{other}_over_student_{kind}"] == pytest.approx(expected)
+    training = quick_run["training"]
+    expected = training["distillation"]["iteration_s"] / training["student_alone"]["iteration_s"]
+    assert training["distillation_over_student_alone"] == pytest.approx(expected)
+
+
+def test_2d_gflops_per_slice_agree_with_the_comparison_reports_counter(quick_run):
+    models = quick_run["models"]
+    assert models["student"]["gflops_nominal"] == pytest.approx(conv_gflops(SeparableUNet(3, 4), 3))
+    teacher = SeparableUNet(3, 4, channels=benchmark.TEACHER_CHANNELS)
+    assert models["teacher"]["gflops_nominal"] == pytest.approx(conv_gflops(teacher, 3))
+
+
+def test_reports_are_written_as_json_markdown_and_png(quick_run):
+    files = quick_run["files"]
+    written = json.loads(Path(files["json"]).read_text())
+    assert written == json.loads(json.dumps({k: v for k, v in quick_run.items() if k != "files"}))
+    assert Path(files["json"]).read_text().endswith("}\n")
+    markdown = Path(files["md"]).read_text()
+    assert all(name in markdown for name in benchmark.MODELS.values())
+    assert "605,679" in markdown and "9,475,935" in markdown
+    assert Path(files["png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gflops_counter_counts_3d_and_transposed_convolutions():
+    network = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 3, padding=1), torch.nn.ConvTranspose3d(4, 1, 2, stride=2, groups=1)
+    )
+    macs = 8**3 * 4 * 2 * 27 + 8**3 * 4 * 1 * 8  # conv: output x in x kernel; transposed: input x out x kernel
+    assert benchmark.conv_gflops_of(network, (1, 2, 8, 8, 8)) == pytest.approx(2 * macs / 1e9)
+
+
+def test_peak_memory_sees_a_large_allocation():
+    peak = benchmark.peak_memory_mib(lambda: torch.ones(50_000_000), torch.device("cpu"))  # 191 MiB
+    if peak is None:
+        pytest.skip("peak RSS cannot be reset on this OS")
+    assert peak >= 150
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where CUDA is absent")
+def test_cuda_device_without_cuda_is_an_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        benchmark.benchmark(str(tmp_path), quick=True, device="cuda", bundle_root=str(BUNDLE_ROOT))
+    assert not (tmp_path / "benchmark.json").exists()
