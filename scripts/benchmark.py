@@ -21,7 +21,6 @@ end) and ``benchmark.png``. Example::
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import ctypes.util
 import datetime
@@ -33,7 +32,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +57,16 @@ from monai.transforms import (
 from torch import nn
 from tqdm import tqdm
 
+from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import find_cases
 from scripts.compare_models import load_config
+from scripts.flops import conv_gflops, counting_conv_flops
 from scripts.synthetic_brats import write_synthetic_dataset
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-__all__ = ["MODELS", "benchmark", "conv_gflops_of", "main", "matmul_gflops_per_s", "peak_memory_mib"]
+__all__ = ["MODELS", "benchmark", "main", "matmul_gflops_per_s", "peak_memory_mib"]
 
 DEFAULT_CASE_DIR = os.path.join("..", "shared", "data", "brats_sample", "TCGA-DU-7294")
 SYNTHETIC_SHAPE = (240, 240, 155)
@@ -97,8 +98,6 @@ MEMORY_METHOD = {
     ),
     "cuda": "torch.cuda.max_memory_allocated minus the memory allocated before the run (tensors only, no cache)",
 }
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_TRANSPOSE = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 def _sync(device: torch.device) -> None:
@@ -116,47 +115,6 @@ def _timed_runs(run: Callable[[], Any], repeats: int, device: torch.device) -> l
         _sync(device)
         times.append(time.perf_counter() - start)
     return times
-
-
-@contextlib.contextmanager
-def _counting_conv_flops(network: nn.Module) -> Iterator[list[int]]:
-    """Count the multiply-adds of the network's convolutions while the block runs; yields a one-item list."""
-    macs = [0]
-
-    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        kernel = math.prod(module.kernel_size)
-        if isinstance(module, _CONV_TRANSPOSE):
-            macs[0] += inputs[0].numel() * module.out_channels // module.groups * kernel
-        else:
-            macs[0] += output.numel() * module.in_channels // module.groups * kernel
-
-    handles = [m.register_forward_hook(count) for m in network.modules() if isinstance(m, _CONV + _CONV_TRANSPOSE)]
-    try:
-        yield macs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def conv_gflops_of(network: nn.Module, input_shape: Sequence[int]) -> float:
-    """GFLOPs (2 x multiply-adds / 1e9) of a network's convolutions for one input, 1D, 2D or 3D.
-
-    The counting rule is that of ``scripts.compare_models.conv_gflops``, extended to every dimensionality:
-    convolutions count ``output elements x in_channels / groups x kernel volume`` multiply-adds, transposed ones
-    ``input elements x out_channels / groups x kernel volume``; biases, normalisation, activations, pooling and
-    upsampling are left out. A copy of the network runs on the ``meta`` device, so nothing is computed.
-
-    Args:
-        network: the network (left untouched).
-        input_shape: the input's shape, batch dimension included, e.g. ``(1, 4, 240, 240, 160)``.
-
-    Returns:
-        the GFLOPs of one forward pass on that input.
-    """
-    meta = copy.deepcopy(network).to("meta").eval()
-    with _counting_conv_flops(meta) as macs, torch.no_grad():
-        meta(torch.zeros(tuple(input_shape), device="meta"))
-    return 2 * macs[0] / 1e9
 
 
 def _release_free_memory() -> None:
@@ -316,7 +274,7 @@ def _benchmark_inference(
             postprocessing(item)
 
     results: dict[str, Any] = {"volume_shape": list(image.shape[2:])}
-    with _counting_conv_flops(network) as macs:  # the warm-up run also counts the FLOPs of the whole volume
+    with counting_conv_flops(network) as macs:  # the warm-up run also counts the FLOPs of the whole volume
         network_only()
     progress.update()
     for name, run in (("network", network_only), ("end_to_end", end_to_end)):
@@ -330,7 +288,7 @@ def _benchmark_inference(
         results[f"{name}_peak_mib"] = peak_memory_mib(run, device)
         progress.update()
     results["parameters"] = sum(p.numel() for p in network.parameters())
-    results["gflops_nominal"] = conv_gflops_of(network, model["nominal_input"])
+    results["gflops_nominal"] = conv_gflops(network, model["nominal_input"])
     results["nominal_unit"] = model["nominal_unit"]
     results["gflops_volume"] = 2 * macs[0] / 1e9
     results["achieved_gflops_per_s"] = results["gflops_volume"] / results["network_s"]
@@ -419,27 +377,6 @@ def _machine(device: torch.device, amp: bool) -> dict[str, Any]:
     return machine
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write`` on a temporary file next to ``path``, then move it onto ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-
-    _atomic_write(path, write)
-
-
 def _mib(value: float | None) -> str:
     return "n/a" if value is None else f"{value:,.0f}"
 
@@ -514,7 +451,8 @@ def _write_figure(path: Path, results: dict[str, Any]) -> None:
     shape = "x".join(str(n) for n in results["case"]["shape"])
     ax.set_title(f"Inference latency, {shape} volume, {results['machine']['device']}", fontsize=10)
     ax.legend(fontsize=8)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
 
 
@@ -624,8 +562,8 @@ def benchmark(
 
     files = {name: output / f"benchmark.{name}" for name in ("json", "md", "png")}
     report = _markdown(results)
-    _write_text(files["json"], json.dumps(results, indent=4) + "\n")
-    _write_text(files["md"], report)
+    write_text_atomic(files["json"], json.dumps(results, indent=4) + "\n")
+    write_text_atomic(files["md"], report)
     _write_figure(files["png"], results)
     print(report)
     for path in files.values():

@@ -15,6 +15,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform, Transform
 
+from scripts.atomic_files import atomic_path
 from scripts.brats_data import LABEL_MAPS
 
 __all__ = [
@@ -165,17 +166,8 @@ class AtomicNibabelWriter(NibabelWriter):
         filename = os.fspath(filename)
         folder, name = os.path.split(os.path.abspath(filename))
         suffix = ".nii.gz" if name.endswith(".nii.gz") else os.path.splitext(name)[1]
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=suffix)
-        os.close(fd)
-        try:
+        with atomic_path(filename, suffix=suffix) as tmp:
             super().write(tmp, verbose=False, **obj_kwargs)
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, filename)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         if verbose:
             logging.getLogger(type(self).__name__).info(f"writing: {filename}")
 

@@ -12,18 +12,14 @@ overlays on the axial slice with most tumour of each case). Example::
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
-import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import fire
@@ -36,8 +32,10 @@ from monai.inferers import Inferer
 from torch import nn
 from tqdm import tqdm
 
+from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import canonical_sequences
 from scripts.brats_regions import region_names
+from scripts.flops import conv_gflops
 from scripts.metrics_report import case_metrics
 from scripts.teacher_handler import TeacherCheckpointError, load_teacher
 
@@ -46,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["MODELS", "compare_models", "conv_gflops", "load_config", "main"]
+__all__ = ["MODELS", "compare_models", "load_config", "main"]
 
 # model key -> (name in the reports, config id of its architecture, default checkpoint in <bundle_root>/models)
 MODELS = {
@@ -96,46 +94,6 @@ def load_config(
     return parser
 
 
-def conv_gflops(network: nn.Module, in_channels: int, size: int = SLICE_SIZE) -> float:
-    """GFLOPs of a network's convolutions for one ``size`` x ``size`` slice: 2 x multiply-adds / 1e9.
-
-    ``Conv2d`` layers count ``output elements x in_channels / groups x kernel area`` multiply-adds,
-    ``ConvTranspose2d`` layers ``input elements x out_channels / groups x kernel area``; biases, normalisation,
-    activations and pooling are left out.
-
-    Args:
-        network: a 2D network; it runs once in eval mode on a zero input, and its mode is restored afterwards.
-        in_channels: number of input channels.
-        size: height and width of the slice.
-
-    Returns:
-        the GFLOPs per slice.
-    """
-    macs = 0
-
-    def count(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        nonlocal macs
-        kernel = math.prod(module.kernel_size)
-        if isinstance(module, nn.ConvTranspose2d):
-            macs += inputs[0].numel() * module.out_channels // module.groups * kernel
-        else:
-            macs += output.numel() * module.in_channels // module.groups * kernel
-
-    convs = [m for m in network.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    handles = [m.register_forward_hook(count) for m in convs]
-    was_training = network.training
-    device = next(network.parameters()).device
-    try:
-        network.eval()
-        with torch.no_grad():
-            network(torch.zeros(1, in_channels, size, size, device=device))
-    finally:
-        for handle in handles:
-            handle.remove()
-        network.train(was_training)
-    return 2 * macs / 1e9
-
-
 def _load_network(key: str, network: nn.Module, path: str) -> nn.Module:
     """Load one model's checkpoint into its (fresh) network, frozen in eval mode."""
     try:
@@ -143,25 +101,6 @@ def _load_network(key: str, network: nn.Module, path: str) -> nn.Module:
     except TeacherCheckpointError as e:
         name, config_id, _ = MODELS[key]
         raise TeacherCheckpointError(f"cannot load the {name} checkpoint {path} into {config_id}: {e}") from e
-
-
-@contextlib.contextmanager
-def _atomic(path: str) -> Iterator[str]:
-    """Yield a temporary path next to ``path``, moved onto ``path`` once the block completes."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: str, text: str) -> None:
-    with _atomic(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(text)
 
 
 def _markdown(results: dict[str, Any], regions: tuple[str, ...], csv_name: str) -> str:
@@ -204,7 +143,7 @@ def _markdown(results: dict[str, Any], regions: tuple[str, ...], csv_name: str) 
 
 def _write_csv(path: str, results: dict[str, Any]) -> None:
     rows = [{"model": key, **case} for key, model in results["models"].items() for case in model["cases"]]
-    with _atomic(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
@@ -247,7 +186,7 @@ def _write_figure(path: str, slices: list[dict[str, Any]], results: dict[str, An
         ncol=len(labels),
         fontsize=8,
     )
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
 
@@ -381,7 +320,7 @@ def compare_models(
             "architecture": config_id,
             "checkpoint": checkpoints[key],
             "parameters": sum(p.numel() for p in networks[key].parameters()),
-            "gflops_per_slice": conv_gflops(networks[key], in_channels),
+            "gflops_per_slice": conv_gflops(networks[key], (1, in_channels, SLICE_SIZE, SLICE_SIZE)),
             "latency_s": statistics.median(times[key]),
             "metrics": summary,
             "cases": per_case[key],
@@ -413,9 +352,9 @@ def compare_models(
     }
     table = _markdown(results, regions, os.path.basename(files["csv"]))
     _write_csv(files["csv"], results)
-    _write_text(files["json"], json.dumps(results, indent=4) + "\n")
+    write_text_atomic(files["json"], json.dumps(results, indent=4) + "\n")
     _write_figure(files["figure"], slices, results, modalities[image_channel].upper())
-    _write_text(files["markdown"], table)
+    write_text_atomic(files["markdown"], table)
     print(table)
     for path in files.values():
         print(f"written: {path}")

@@ -7,7 +7,6 @@ import csv
 import logging
 import math
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -16,6 +15,7 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
+from scripts.atomic_files import atomic_path
 from scripts.brats_regions import region_names
 
 __all__ = ["BraTSMetricsReport", "case_metrics", "format_table"]
@@ -140,17 +140,11 @@ class BraTSMetricsReport:
         rows = sorted(rows, key=lambda r: r["case_id"])
         mean = {"case_id": "mean", **{c: float(np.mean([r[c] for r in rows])) for c in columns[1:]}}
         os.makedirs(self.output_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.output_dir, prefix=f".{self.filename}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=columns)
-                writer.writeheader()
-                for row in rows + [mean]:
-                    writer.writerow({c: row[c] if c == "case_id" else f"{row[c]:.4f}" for c in columns})
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for row in rows + [mean]:
+                writer.writerow({c: row[c] if c == "case_id" else f"{row[c]:.4f}" for c in columns})
         self.logger.info("\n%s\nper-case metrics written to %s", format_table(rows + [mean], columns), self.path)
 
 

@@ -23,10 +23,11 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from scripts.atomic_files import atomic_path
 
 __all__ = ["DEFAULT_BASE_URL", "DEFAULT_NAME", "WEIGHTS", "file_md5", "large_files_yaml", "package_bundle"]
 
@@ -154,17 +155,10 @@ def package_bundle(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     zip_path = output_dir / f"{name}_v{version}.zip"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{zip_path.name}.", suffix=".tmp", dir=output_dir)
-    try:
-        with os.fdopen(fd, "wb") as stream, zipfile.ZipFile(stream, "w") as archive:
-            for path, arcname in sorted(members, key=lambda m: m[1]):
-                _write_member(archive, f"{name}/{arcname}", path.read_bytes())
-            _write_member(archive, f"{name}/large_files.yml", large_files_yaml(entries).encode())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a release asset is world-readable
-        os.replace(tmp_name, zip_path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for path, arcname in sorted(members, key=lambda m: m[1]):
+            _write_member(archive, f"{name}/{arcname}", path.read_bytes())
+        _write_member(archive, f"{name}/large_files.yml", large_files_yaml(entries).encode())
     return zip_path, file_md5(zip_path)
 
 

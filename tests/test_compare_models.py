@@ -9,10 +9,8 @@ from typing import Any
 import matplotlib.image
 import pytest
 import torch
-from torch import nn
 
-from scripts.compare_models import compare_models, conv_gflops, load_config
-from scripts.separable_unet import SeparableUNet
+from scripts.compare_models import compare_models, load_config
 from scripts.synthetic_brats import write_synthetic_dataset
 from scripts.teacher_handler import TeacherCheckpointError
 
@@ -117,20 +115,6 @@ def test_checkpoint_of_another_architecture_is_rejected_naming_model_and_file(co
             student_ckpt=comparison["checkpoints"]["teacher"],
             overrides=SMALL_TEACHER,
         )
-
-
-def test_flop_counter_counts_multiply_adds_of_convolutions_twice():
-    network = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1, groups=1),
-        nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
-        nn.ConvTranspose2d(8, 4, 3, stride=2, padding=1, output_padding=1),
-    )
-    macs = 16 * 16 * 8 * 3 * 9 + 16 * 16 * 8 * 1 * 9 + 16 * 16 * 8 * 4 * 9
-    assert conv_gflops(network, in_channels=3, size=16) == pytest.approx(2 * macs / 1e9)
-
-
-def test_student_costs_about_a_third_of_a_gflop_per_slice():
-    assert conv_gflops(SeparableUNet(in_channels=3, out_channels=4), in_channels=3) == pytest.approx(0.35, rel=0.1)
 
 
 def test_missing_checkpoint_is_reported_with_its_model_and_path(comparison, tmp_path):
