@@ -1,0 +1,214 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Fast slice-by-slice inference of a 2D network over a 3D volume: only the brain's slices, only its bounding box.
+
+``BrainSliceInferer`` is what ``configs/inference.json`` (and so MONAI Label) uses by default. It gives the
+same output as MONAI's ``SliceInferer(roi_size=(-1, -1), spatial_dim=2)`` on the same network, up to float
+tolerance, with these exact shortcuts:
+
+- the network is prepared for inference once per call: a copy with every BatchNorm folded into the convolution
+  before it (``fold_batchnorm``) and, on request, channels-last memory (oneDNN's fast layout for depthwise
+  convolutions on CPU);
+- slices without brain (every input channel 0, as z-scoring with ``nonzero=True`` leaves background) are not run:
+  the network's output on an all-zero slice is computed once and copied there, which is exactly what the plain path
+  computes for them;
+- slices are batched ``sw_batch_size`` at a time.
+
+With ``crop_to_brain=True`` (the default of ``configs/inference.json``) each brain slice is also cropped in plane to
+the brain's bounding box plus ``margin`` voxels, aligned to the network's ``divisor`` grid; voxels outside the box
+get the all-zero slice's output. This one is not exact: the convolutions' zero padding at the box's edge replaces
+the background features the full slice would give, so logits near the box's edge move a little. Its effect on the
+label map is measured by ``scripts.benchmark`` and tested; ``crop_to_brain=False`` keeps the result exact.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+__all__ = ["BrainSliceInferer", "brain_bounding_box", "fold_batchnorm", "prepare_for_inference"]
+
+
+def _last_conv(module: nn.Module) -> nn.Conv2d | None:
+    """The ``Conv2d`` whose output ``module`` returns, if ``module`` is one or a ``Sequential`` ending in one."""
+    while isinstance(module, nn.Sequential) and len(module) > 0:
+        module = module[-1]
+    return module if type(module) is nn.Conv2d else None
+
+
+def fold_batchnorm(network: nn.Module) -> int:
+    """Fold, in place, every eval-mode ``BatchNorm2d`` into the ``Conv2d`` that feeds it inside an ``nn.Sequential``.
+
+    The convolution's weight and bias absorb the normalisation and the BatchNorm becomes ``nn.Identity``, so the
+    network computes the same function with one memory-bound pass less per block. Only a BatchNorm directly after
+    a ``Conv2d`` (or after a ``Sequential`` ending in one, such as a separable convolution) in the same
+    ``Sequential`` is folded.
+
+    Args:
+        network: a network in eval mode.
+
+    Returns:
+        the number of BatchNorm layers folded.
+
+    Raises:
+        ValueError: when ``network`` is in training mode (its BatchNorm layers use batch statistics then).
+    """
+    if network.training:
+        raise ValueError("fold_batchnorm needs a network in eval mode (call network.eval() first).")
+    folded = 0
+    for parent in network.modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        for index in range(1, len(parent)):
+            norm, conv = parent[index], _last_conv(parent[index - 1])
+            if type(norm) is nn.BatchNorm2d and conv is not None and norm.track_running_stats:
+                fused = fuse_conv_bn_eval(conv, norm)
+                conv.weight, conv.bias = fused.weight, fused.bias
+                parent[index] = nn.Identity()
+                folded += 1
+    return folded
+
+
+def prepare_for_inference(network: nn.Module, channels_last: bool = True) -> nn.Module:
+    """A copy of ``network`` made fast for inference: BatchNorm folded, optionally in channels-last memory format.
+
+    A TorchScript module, or a network in training mode, is returned unchanged (nothing can be folded safely).
+
+    Args:
+        network: the 2D network.
+        channels_last: store the copy's 4D weights channels-last.
+
+    Returns:
+        the prepared copy (or ``network`` itself, see above).
+    """
+    if isinstance(network, torch.jit.ScriptModule) or network.training:
+        return network
+    prepared = copy.deepcopy(network)
+    fold_batchnorm(prepared)
+    if channels_last:
+        prepared = prepared.to(memory_format=torch.channels_last)
+    return prepared
+
+
+def _grid_span(low: int, high: int, size: int, margin: int, divisor: int) -> slice:
+    """``[low, high]`` widened by ``margin``, its start on the ``divisor`` grid, its length a multiple of it."""
+    start = max(0, low - margin) // divisor * divisor
+    length = math.ceil((min(size, high + 1 + margin) - start) / divisor) * divisor
+    stop = min(size, start + length)
+    return slice(max(0, stop - length), stop)
+
+
+def brain_bounding_box(brain: torch.Tensor, margin: int, divisor: int) -> tuple[slice, slice] | None:
+    """In-plane bounding box of the brain voxels of a stack of slices, widened and aligned for the network.
+
+    Args:
+        brain: boolean mask of shape (H, W, D), true on brain voxels.
+        margin: voxels added on every side of the box.
+        divisor: the box starts on multiples of ``divisor`` and its sides are multiples of it (within (H, W)).
+
+    Returns:
+        ``(rows, columns)`` slices of the box, or None when the mask is empty.
+    """
+    rows, columns = brain.any(dim=(1, 2)), brain.any(dim=(0, 2))
+    if not bool(rows.any()):
+        return None
+    row_index, column_index = torch.nonzero(rows).flatten(), torch.nonzero(columns).flatten()
+    return (
+        _grid_span(int(row_index[0]), int(row_index[-1]), brain.shape[0], margin, divisor),
+        _grid_span(int(column_index[0]), int(column_index[-1]), brain.shape[1], margin, divisor),
+    )
+
+
+class BrainSliceInferer(Inferer):
+    """Run a 2D network on the axial slices of (B, C, H, W, D) volumes, skipping slices and voxels without brain.
+
+    Args:
+        sw_batch_size: slices per forward pass.
+        crop_to_brain: crop each volume's brain slices in plane to the brain's bounding box (see the module's
+            docstring: not exact near the box's edge).
+        margin: voxels of background kept around the brain's bounding box.
+        divisor: the network's size divisor (``2 ** number of poolings``); cropped boxes are aligned to it.
+        channels_last: run the network on channels-last tensors.
+        fold_bn: fold BatchNorm into convolutions (see ``fold_batchnorm``).
+
+    Raises:
+        ValueError: on inputs that are not 5D or on a non-positive ``sw_batch_size``, ``margin`` < 0 or
+            ``divisor`` < 1.
+    """
+
+    def __init__(
+        self,
+        sw_batch_size: int = 1,
+        crop_to_brain: bool = True,
+        margin: int = 16,
+        divisor: int = 16,
+        channels_last: bool = True,
+        fold_bn: bool = True,
+    ) -> None:
+        super().__init__()
+        if sw_batch_size < 1 or margin < 0 or divisor < 1:
+            raise ValueError(
+                f"BrainSliceInferer needs sw_batch_size >= 1, margin >= 0 and divisor >= 1; got {sw_batch_size}, "
+                f"{margin} and {divisor}."
+            )
+        self.sw_batch_size = sw_batch_size
+        self.crop_to_brain = crop_to_brain
+        self.margin = margin
+        self.divisor = divisor
+        self.channels_last = channels_last
+        self.fold_bn = fold_bn
+
+    def _network_input(self, slices: torch.Tensor) -> torch.Tensor:
+        return slices.contiguous(memory_format=torch.channels_last) if self.channels_last else slices.contiguous()
+
+    def _segment_volume(self, network: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+        """Logits (C_out, H, W, D) of one (C_in, H, W, D) volume."""
+        height, width, depth = volume.shape[1:]
+        empty_logits = network(self._network_input(volume.new_zeros((1, volume.shape[0], height, width))))[0]
+        output = empty_logits[..., None].repeat(1, 1, 1, depth)
+        brain = (volume != 0).any(dim=0)
+        brain_slices = torch.nonzero(brain.any(dim=(0, 1))).flatten().tolist()
+        box = brain_bounding_box(brain, self.margin, self.divisor) if self.crop_to_brain else None
+        rows, columns = box if box is not None else (slice(0, height), slice(0, width))
+        for start in range(0, len(brain_slices), self.sw_batch_size):
+            batch = brain_slices[start : start + self.sw_batch_size]
+            slices = volume[:, rows, columns, batch].permute(3, 0, 1, 2)  # (N, C_in, h, w)
+            logits = network(self._network_input(slices))
+            output[:, rows, columns, batch] = logits.permute(1, 2, 3, 0).to(output.dtype)
+        return output
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Segment ``inputs`` of shape (B, C, H, W, D) with the 2D ``network``.
+
+        Args:
+            inputs: a batch of volumes; a ``MetaTensor``'s metadata is kept on the output.
+            network: a 2D network taking (N, C, H, W).
+            args: unused (for the ``Inferer`` interface).
+            kwargs: unused (for the ``Inferer`` interface).
+
+        Returns:
+            the logits, (B, C_out, H, W, D), of the type of ``inputs``.
+
+        Raises:
+            ValueError: when ``inputs`` is not 5D.
+        """
+        if inputs.ndim != 5:
+            raise ValueError(f"BrainSliceInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}.")
+        if self.fold_bn:
+            network = prepare_for_inference(network, self.channels_last)
+        elif self.channels_last and isinstance(network, nn.Module) and not isinstance(network, torch.jit.ScriptModule):
+            network = copy.deepcopy(network).to(memory_format=torch.channels_last)
+        volumes = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
+        outputs = torch.stack([self._segment_volume(network, volume) for volume in volumes])
+        return convert_to_dst_type(outputs, inputs)[0]
+
+    def __repr__(self) -> str:
+        fields: Sequence[str] = ("sw_batch_size", "crop_to_brain", "margin", "divisor", "channels_last", "fold_bn")
+        return f"{type(self).__name__}({', '.join(f'{name}={getattr(self, name)}' for name in fields)})"

@@ -1,0 +1,113 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""The fast inference path gives the plain ``SliceInferer`` result, and its crop stays on the network's grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.inferers import SliceInferer
+from torch import nn
+
+from scripts.fast_inference import BrainSliceInferer, brain_bounding_box, fold_batchnorm, prepare_for_inference
+from scripts.separable_unet import SeparableUNet
+
+
+def _student_with_trained_like_statistics(seed: int = 0) -> SeparableUNet:
+    """A student whose BatchNorm layers hold non-trivial statistics and affine parameters, in eval mode."""
+    torch.manual_seed(seed)
+    network = SeparableUNet(3, 4, [16, 32, 64, 128, 256], dropout=0.3)
+    for module in network.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1.0, 1.0)
+            module.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(module.weight, 0.5, 1.5)
+            nn.init.uniform_(module.bias, -0.5, 0.5)
+    return network.eval()
+
+
+def _volume_with_background() -> torch.Tensor:
+    """(1, 3, 64, 64, 12) z-scored-like volume: a brain ellipsoid in slices 3..8, 0 elsewhere."""
+    generator = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 3, 64, 64, 12, generator=generator)
+    rows, columns, slices = torch.meshgrid(torch.arange(64), torch.arange(64), torch.arange(12), indexing="ij")
+    brain = ((rows - 30) / 14.0) ** 2 + ((columns - 36) / 11.0) ** 2 + ((slices - 5.5) / 3.0) ** 2 <= 1.0
+    return image * brain
+
+
+def test_fold_batchnorm_keeps_the_network_function():
+    network = _student_with_trained_like_statistics()
+    batch = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = network(batch)
+        folded = prepare_for_inference(network, channels_last=True)
+        actual = folded(batch.contiguous(memory_format=torch.channels_last))
+    assert not any(isinstance(module, nn.BatchNorm2d) for module in folded.modules())
+    assert any(isinstance(module, nn.BatchNorm2d) for module in network.modules()), "the original is left alone"
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_counts_every_batchnorm_of_the_student():
+    network = _student_with_trained_like_statistics()
+    batchnorms = sum(isinstance(module, nn.BatchNorm2d) for module in network.modules())
+    assert fold_batchnorm(network) == batchnorms == 18
+
+
+def test_fold_batchnorm_refuses_a_network_in_training_mode():
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(SeparableUNet(3, 2).train())
+
+
+def test_uncropped_fast_path_matches_slice_inferer():
+    network = _student_with_trained_like_statistics()
+    volume = MetaTensor(_volume_with_background(), meta={"case_id": "case-1"})
+    with torch.no_grad():
+        expected = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=5)(volume.as_tensor(), network)
+        actual = BrainSliceInferer(sw_batch_size=3, crop_to_brain=False)(volume, network)
+    assert isinstance(actual, MetaTensor) and actual.meta["case_id"] == "case-1"
+    torch.testing.assert_close(actual.as_tensor(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cropped_fast_path_is_exact_on_empty_slices_and_keeps_the_brain_labels():
+    network = _student_with_trained_like_statistics()
+    volume = _volume_with_background()
+    with torch.no_grad():
+        expected = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=12)(volume, network)
+        actual = BrainSliceInferer(sw_batch_size=4, crop_to_brain=True, margin=8)(volume, network)
+    empty_slices = [0, 1, 2, 9, 10, 11]
+    torch.testing.assert_close(actual[..., empty_slices], expected[..., empty_slices], rtol=1e-4, atol=1e-4)
+    brain = (volume[0] != 0).any(dim=0)
+    agreement = (actual.argmax(dim=1)[0][brain] == expected.argmax(dim=1)[0][brain]).float().mean()
+    assert agreement >= 0.99
+
+
+def test_fast_path_on_an_all_background_volume_is_the_empty_slice_output():
+    network = _student_with_trained_like_statistics()
+    volume = torch.zeros(1, 3, 32, 32, 4)
+    with torch.no_grad():
+        expected = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=4)(volume, network)
+        actual = BrainSliceInferer()(volume, network)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_brain_bounding_box_is_widened_and_aligned_to_the_network_grid():
+    brain = torch.zeros(240, 240, 5, dtype=torch.bool)
+    brain[54:183, 51:213, 2] = True
+    rows, columns = brain_bounding_box(brain, margin=16, divisor=16)
+    for span, low, high in ((rows, 54, 182), (columns, 51, 212)):
+        assert span.start % 16 == 0 and (span.stop - span.start) % 16 == 0
+        assert span.start <= low - 16 and span.stop >= min(240, high + 1 + 16) and span.stop <= 240
+
+
+def test_brain_bounding_box_at_the_border_keeps_a_divisible_size():
+    brain = torch.zeros(40, 48, 1, dtype=torch.bool)
+    brain[30:40, 0:3, 0] = True
+    rows, columns = brain_bounding_box(brain, margin=4, divisor=16)
+    # rows 26..39 grow to 32 on the grid from 16, clipped at 40 and shifted back to keep 32 rows
+    assert (rows.start, rows.stop) == (8, 40) and (columns.start, columns.stop) == (0, 16)
+    assert brain_bounding_box(torch.zeros(8, 8, 2, dtype=torch.bool), margin=0, divisor=4) is None
+
+
+def test_brain_slice_inferer_rejects_inputs_that_are_not_volumes():
+    with pytest.raises(ValueError, match=r"\(B, C, H, W, D\)"):
+        BrainSliceInferer()(torch.zeros(1, 3, 16, 16), SeparableUNet(3, 2).eval())
