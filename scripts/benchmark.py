@@ -59,6 +59,7 @@ from tqdm import tqdm
 
 from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import find_cases
+from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint
 from scripts.compare_models import load_config
 from scripts.flops import conv_gflops, counting_conv_flops
 from scripts.synthetic_brats import write_synthetic_dataset
@@ -82,9 +83,11 @@ QUICK_TRAIN_BATCH, QUICK_TRAIN_PATCH = 2, 16
 # model key -> name in the reports
 MODELS = {
     "student": "Student (SeparableUNet 16-256, 2D)",
+    "student_plain": "Student, plain SliceInferer (before the fast path)",
     "teacher": "Teacher (SeparableUNet 64-1024, 2D)",
     "segresnet": "SegResNet (Model Zoo brats_mri_segmentation, 3D)",
 }
+PLAIN_INFERER = {"_target_": "SliceInferer", "roi_size": [-1, -1], "spatial_dim": 2, "sw_batch_size": 32}
 TRAINING_MODES = {
     "teacher": "Teacher training",
     "student_alone": "Student alone",
@@ -188,9 +191,17 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
 
 
 def _bundle_model(
-    bundle_root: str, dataset_dir: str, output_dir: str, device: torch.device, channels: list[int] | None
+    bundle_root: str,
+    dataset_dir: str,
+    output_dir: str,
+    device: torch.device,
+    channels: list[int] | None,
+    plain_inferer: bool = False,
 ) -> dict[str, Any]:
-    """``configs/inference.json``'s network (random weights), preprocessing, inferer, post-processing and case."""
+    """``configs/inference.json``'s network (random weights), preprocessing, inferer, post-processing and case.
+
+    ``plain_inferer`` swaps the fast ``BrainSliceInferer`` for MONAI's ``SliceInferer`` (32 slices a batch).
+    """
     parser = ConfigParser()
     parser.read_config(os.path.join(bundle_root, "configs", "inference.json"))
     parser["bundle_root"] = bundle_root
@@ -199,6 +210,8 @@ def _bundle_model(
     parser["device"] = f"$torch.device('{device}')"
     if channels is not None:
         parser["network_def#channels"] = channels
+    if plain_inferer:
+        parser["inferer"] = PLAIN_INFERER
     return {
         "network": parser.get_parsed_content("network").eval(),
         "preprocessing": parser.get_parsed_content("preprocessing"),
@@ -293,6 +306,37 @@ def _benchmark_inference(
     results["gflops_volume"] = 2 * macs[0] / 1e9
     results["achieved_gflops_per_s"] = results["gflops_volume"] / results["network_s"]
     return results
+
+
+def _fast_path_agreement(
+    student: dict[str, Any], plain: dict[str, Any], bundle_root: str, device: torch.device
+) -> dict[str, Any]:
+    """How far the fast path's output is from the plain ``SliceInferer``'s, with the trained student if present.
+
+    Uses ``models/model.pt`` of the bundle when it exists (a trained network exercises the crop's edge effects as
+    deployed), else the benchmark's random weights; the network's own weights are restored afterwards.
+    """
+    network: nn.Module = student["network"]
+    original = {name: value.clone() for name, value in network.state_dict().items()}
+    checkpoint = Path(bundle_root) / "models" / "model.pt"
+    weights = "random"
+    if checkpoint.is_file():
+        with contextlib.suppress(CheckpointMismatchError):
+            network.load_state_dict(check_network_checkpoint(network, str(checkpoint)))
+            weights = "trained models/model.pt"
+    image = list_data_collate([student["preprocessing"](student["case"])])["image"].as_tensor().to(device)
+    with torch.no_grad():
+        fast = student["inferer"](image, network).float()
+        reference = plain["inferer"](image, network).float()
+    network.load_state_dict(original)
+    brain = (image[0] != 0).any(dim=0)
+    same = fast.argmax(dim=1)[0] == reference.argmax(dim=1)[0]
+    return {
+        "weights": weights,
+        "max_abs_logit_difference": float((fast - reference).abs().max()),
+        "label_agreement": float(same.float().mean()),
+        "label_agreement_brain": float(same[brain].float().mean()) if bool(brain.any()) else 1.0,
+    }
 
 
 def _training_setup(
@@ -403,8 +447,15 @@ def _markdown(results: dict[str, Any]) -> str:
             f"| {_mib(model['network_peak_mib'])} | {_mib(model['end_to_end_peak_mib'])} "
             f"| {model['achieved_gflops_per_s']:.1f} | {100 * model['fraction_of_matmul_peak']:.1f} |"
         )
-    ratios = results["ratios"]
+    ratios, agreement = results["ratios"], results["fast_path_agreement"]
     lines += [
+        "",
+        f"Fast path (`BrainSliceInferer`, as `configs/inference.json` deploys the student): "
+        f"{ratios['student_plain_over_student_network']:.2f}x faster than the plain `SliceInferer` (network only), "
+        f"{ratios['student_plain_over_student_end_to_end']:.2f}x end to end; with {agreement['weights']} weights "
+        f"its labels agree with the plain path's on {100 * agreement['label_agreement']:.3f}% of the voxels "
+        f"({100 * agreement['label_agreement_brain']:.3f}% of the brain voxels), largest logit difference "
+        f"{agreement['max_abs_logit_difference']:.3g}.",
         "",
         f"Student speed-up: {ratios['segresnet_over_student_network']:.2f}x over SegResNet and "
         f"{ratios['teacher_over_student_network']:.2f}x over the teacher (network only); "
@@ -422,12 +473,15 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         f"Distillation / student-alone time per iteration: {training['distillation_over_student_alone']:.2f}.",
         "",
-        "Network only: the preprocessed volume through the inferer (2D networks: `SliceInferer`, 32 slices a batch, "
-        "on the `DivisiblePad`ded volume as `configs/inference.json`; SegResNet: `SlidingWindowInferer`, one "
+        "Network only: the preprocessed volume through the inferer (student and teacher: `configs/inference.json`'s "
+        "`BrainSliceInferer` with its defaults for the device, i.e. BatchNorm folded, channels-last, slices without "
+        "brain skipped, brain slices cropped to the brain's box plus 16 voxels; plain student: MONAI's "
+        "`SliceInferer`, 32 slices a batch, on the `DivisiblePad`ded volume; SegResNet: `SlidingWindowInferer`, one "
         "window a batch, overlap 0.5). End to end: NIfTI files in, NIfTI label out (`configs/inference.json`'s "
         "preprocessing, inferer and post-processing with the atomic writer; for SegResNet: load the 4 sequences, "
         "z-score, inferer, sigmoid, threshold, save). GFLOPs: 2 x multiply-adds of the convolutions; per volume, "
-        "counted during the warm-up run (so it includes padding and overlapping windows). Achieved GFLOP/s: "
+        "counted during the warm-up run (the work actually done: padding and overlapping windows included, "
+        "skipped slices and cropped voxels not). Achieved GFLOP/s: "
         "volume GFLOPs / network-only latency. Peak memory: "
         f"{MEMORY_METHOD[machine['device'].split(':')[0]]}. Training: {training['iterations']} timed iterations "
         "(Adam, configs' losses: DiceCE, distillation loss with the frozen teacher's forward pass) after one warm-up, "
@@ -526,8 +580,11 @@ def benchmark(
         shape = list(student["preprocessing"](student["case"])["image"].shape[1:])
         roi = [math.ceil(n / PEER_DIVISOR) * PEER_DIVISOR for n in shape] if quick else list(PEER_ROI)
         results["case"] = {"source": source, "shape": shape}
+        plain = _bundle_model(bundle_root, dataset_dir, seg_dir, torch_device, None, plain_inferer=True)
+        plain["network"] = student["network"]  # the same weights through both inferers
         models = {
             "student": student,
+            "student_plain": plain,
             "teacher": _bundle_model(bundle_root, dataset_dir, seg_dir, torch_device, TEACHER_CHANNELS),
             "segresnet": _peer_model(dataset_dir, seg_dir, torch_device, roi),
         }
@@ -536,6 +593,7 @@ def benchmark(
         with tqdm(total=steps, desc="benchmark") as progress:
             results["matmul"] = matmul_gflops_per_s(QUICK_MATMUL_SIZE if quick else MATMUL_SIZE, repeats, torch_device)
             progress.update()
+            results["fast_path_agreement"] = _fast_path_agreement(student, plain, bundle_root, torch_device)
             results["models"] = {}
             for key, model in models.items():
                 progress.set_postfix_str(key)
@@ -555,7 +613,7 @@ def benchmark(
         model["fraction_of_matmul_peak"] = model["achieved_gflops_per_s"] / results["matmul"]["gflops_per_s"]
     results["ratios"] = {
         f"{other}_over_student_{kind}": latency[other][f"{kind}_s"] / latency["student"][f"{kind}_s"]
-        for other in ("segresnet", "teacher")
+        for other in ("segresnet", "teacher", "student_plain")
         for kind in ("network", "end_to_end")
     }
     results["memory_method"] = MEMORY_METHOD[torch_device.type]

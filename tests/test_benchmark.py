@@ -26,13 +26,22 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def test_quick_run_times_the_three_models_network_only_and_end_to_end(quick_run):
-    assert set(quick_run["models"]) == {"student", "teacher", "segresnet"}
+    assert set(quick_run["models"]) == {"student", "student_plain", "teacher", "segresnet"}
     for model in quick_run["models"].values():
         assert model["network_s"] > 0 and model["end_to_end_s"] > 0
         assert model["gflops_volume"] > 0 and model["achieved_gflops_per_s"] > 0
     assert quick_run["matmul"]["gflops_per_s"] > 0
     assert set(quick_run["training"]) >= {"teacher", "student_alone", "distillation"}
     assert all(quick_run["training"][mode]["slices_per_s"] > 0 for mode in benchmark.TRAINING_MODES)
+
+
+def test_fast_path_is_compared_with_the_plain_slice_inferer_on_the_same_weights(quick_run):
+    agreement = quick_run["fast_path_agreement"]
+    assert agreement["weights"] in ("random", "trained models/model.pt")
+    assert 0.0 <= agreement["label_agreement"] <= 1.0 and 0.0 <= agreement["label_agreement_brain"] <= 1.0
+    assert agreement["max_abs_logit_difference"] >= 0.0
+    assert quick_run["models"]["student_plain"]["parameters"] == quick_run["models"]["student"]["parameters"]
+    assert "faster than the plain `SliceInferer`" in Path(quick_run["files"]["md"]).read_text()
 
 
 def test_parameter_counts_are_those_of_the_student_teacher_and_model_zoo_segresnet(quick_run):
