@@ -64,7 +64,11 @@ class DistillationLoss(_Loss):
         self.supervised = supervised
 
     def kd_term(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        teacher_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The ``T**2``-scaled KD term alone, as used in :meth:`forward` (also useful for logging).
 
@@ -73,29 +77,40 @@ class DistillationLoss(_Loss):
 
         Args:
             student_logits: student logits of shape (N, C, *spatial).
-            teacher_logits: teacher logits of the same shape.
+            teacher_logits: teacher logits of the same shape, or None when ``teacher_probs`` is given.
             mask: optional (N, 1, *spatial) bool or float weights restricting the average to e.g. brain pixels:
                 ``sum(kl * mask) / max(sum(mask), 1)``, where ``kl`` is the per-pixel KL summed over channels.
+            teacher_probs: instead of ``teacher_logits``, the teacher's probabilities already softened with this
+                loss's temperature (``scripts.soft_labels``: softmax or sigmoid of ``logits / T``), e.g. cached soft
+                labels. A pixel whose probabilities are all 0 (brought in by padding during augmentation) adds 0.
 
         Returns:
             scalar tensor ``T**2 * KD``.
 
         Raises:
-            ValueError: if the teacher and student logits differ in shape, or the mask is not (N, 1, *spatial).
+            ValueError: if not exactly one of ``teacher_logits`` and ``teacher_probs`` is given, if it differs in
+                shape from the student logits, or if the mask is not (N, 1, *spatial).
         """
-        if teacher_logits.shape != student_logits.shape:
+        if (teacher_logits is None) == (teacher_probs is None):
+            raise ValueError("kd_term needs exactly one of teacher_logits and teacher_probs.")
+        teacher_target = teacher_logits if teacher_logits is not None else teacher_probs
+        name = "teacher_logits" if teacher_logits is not None else "teacher_probs"
+        if teacher_target.shape != student_logits.shape:
             raise ValueError(
-                f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
-                f"and {tuple(teacher_logits.shape)}."
+                f"student_logits and {name} must have the same shape, got {tuple(student_logits.shape)} "
+                f"and {tuple(teacher_target.shape)}."
             )
-        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+        dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_target.dtype), torch.float32)
         student = student_logits.to(dtype) / self.temperature
-        teacher = teacher_logits.detach().to(dtype) / self.temperature
-        if self.mode == "softmax":
+        if teacher_probs is not None:
+            kl = self._kl_from_probs(student, teacher_probs.detach().to(dtype))
+        elif self.mode == "softmax":
+            teacher = teacher_logits.detach().to(dtype) / self.temperature
             log_p_student = F.log_softmax(student, dim=1)
             log_p_teacher = F.log_softmax(teacher, dim=1)
             kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1, keepdim=True)
         else:
+            teacher = teacher_logits.detach().to(dtype) / self.temperature
             # Bernoulli KL per channel; log(1 - sigmoid(x)) = logsigmoid(-x)
             log_p_student, log_q_student = F.logsigmoid(student), F.logsigmoid(-student)
             log_p_teacher, log_q_teacher = F.logsigmoid(teacher), F.logsigmoid(-teacher)
@@ -112,12 +127,27 @@ class DistillationLoss(_Loss):
             kd = (kl * weights).sum() / weights.sum().clamp(min=1)
         return self.temperature**2 * kd
 
+    def _kl_from_probs(self, student: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """Per-pixel KL (N, 1, *spatial) from softened teacher probabilities to the temperature-scaled student."""
+        if self.mode == "softmax":
+            kl = torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * F.log_softmax(student, dim=1)
+        else:
+            q_teacher = 1 - teacher_probs
+            kl = (
+                torch.xlogy(teacher_probs, teacher_probs)
+                + torch.xlogy(q_teacher, q_teacher)
+                - teacher_probs * F.logsigmoid(student)
+                - q_teacher * F.logsigmoid(-student)
+            )
+        return kl.sum(dim=1, keepdim=True)
+
     def forward(
         self,
         student_logits: torch.Tensor,
         label: torch.Tensor,
         teacher_logits: torch.Tensor | None,
         mask: torch.Tensor | None = None,
+        teacher_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Blend the supervised loss of the student with the KD term.
 
@@ -129,19 +159,23 @@ class DistillationLoss(_Loss):
                 ``kd_weight`` is 0.
             mask: optional (N, 1, *spatial) mask restricting the KD term, see :meth:`kd_term`; the supervised term
                 is unaffected.
+            teacher_probs: cached soft labels used instead of ``teacher_logits``, see :meth:`kd_term`.
 
         Returns:
             scalar loss ``(1 - kd_weight) * supervised + kd_weight * kd_term``; a term whose weight is 0 is not
             computed, so ``kd_weight`` 0 and 1 give exactly the supervised loss and the KD term.
 
         Raises:
-            ValueError: if ``teacher_logits`` is None while ``kd_weight`` > 0, or as raised by :meth:`kd_term`.
+            ValueError: if both ``teacher_logits`` and ``teacher_probs`` are None while ``kd_weight`` > 0, or as
+                raised by :meth:`kd_term`.
         """
         if self.kd_weight == 0:
             return self.supervised(student_logits, label)
-        if teacher_logits is None:
-            raise ValueError(f"teacher_logits is required when kd_weight > 0, got kd_weight={self.kd_weight}.")
-        kd = self.kd_term(student_logits, teacher_logits, mask)
+        if teacher_logits is None and teacher_probs is None:
+            raise ValueError(
+                f"teacher_logits or teacher_probs is required when kd_weight > 0, got kd_weight={self.kd_weight}."
+            )
+        kd = self.kd_term(student_logits, teacher_logits, mask, teacher_probs)
         if self.kd_weight == 1:
             return kd
         return (1 - self.kd_weight) * self.supervised(student_logits, label) + self.kd_weight * kd

@@ -1,0 +1,115 @@
+# Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
+"""Cached soft labels: the online teacher's targets on un-augmented input, computed once, stale files replaced."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.data import MetaTensor
+from torch import nn
+
+from scripts.distillation_loss import DistillationLoss
+from scripts.separable_unet import SeparableUNet
+from scripts.soft_labels import TeacherSoftLabelsd, soft_labels_from_logits
+
+TEMPERATURE = 2.0
+
+
+def _teacher(seed: int = 0) -> SeparableUNet:
+    """A small frozen 2D network with non-trivial BatchNorm statistics standing in for the teacher."""
+    torch.manual_seed(seed)
+    network = SeparableUNet(3, 4, [8, 16, 32, 64, 128], dropout=0.5)
+    for module in network.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-1.0, 1.0)
+            module.running_var.uniform_(0.5, 2.0)
+    return network.eval()
+
+
+def _case(case_id: str = "BraTS20_Training_001") -> dict[str, MetaTensor]:
+    """A (3, 64, 48, 10) z-scored-like volume: brain in slices 2..7 (and a box of rows 10..49, columns 8..39)."""
+    generator = torch.Generator().manual_seed(2)
+    image = torch.zeros(3, 64, 48, 10)
+    image[:, 10:50, 8:40, 2:8] = torch.randn(3, 40, 32, 6, generator=generator)
+    return {"image": MetaTensor(image, meta={"case_id": case_id})}
+
+
+def _online_probs(teacher: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """What the online teacher gives on the un-augmented whole slices: (C_out, H, W, D) probabilities."""
+    with torch.no_grad():
+        logits = teacher(image.permute(3, 0, 1, 2))  # (D, C_out, H, W)
+    return soft_labels_from_logits(logits, TEMPERATURE).permute(1, 2, 3, 0)
+
+
+def test_cached_soft_labels_agree_with_the_online_teacher_on_unaugmented_input(tmp_path):
+    teacher, case = _teacher(), _case()
+    cached = TeacherSoftLabelsd("image", teacher, str(tmp_path), TEMPERATURE, margin=4)(case)["teacher_probs"]
+    expected = _online_probs(teacher, case["image"].as_tensor())
+    assert cached.shape == expected.shape and cached.dtype == torch.float16
+    box = (slice(6, 54), slice(4, 44), slice(2, 8))  # brain box plus the 4-voxel margin, in plane
+    torch.testing.assert_close(cached[(slice(None), *box)].float(), expected[(slice(None), *box)], atol=2e-3, rtol=0)
+    empty = [0, 1, 8, 9]
+    torch.testing.assert_close(cached[..., empty].float(), expected[..., empty], atol=2e-3, rtol=0)
+
+
+def test_kd_term_from_cached_soft_labels_matches_the_online_teacher_logits(tmp_path):
+    teacher, case = _teacher(), _case()
+    cached = TeacherSoftLabelsd("image", teacher, str(tmp_path), TEMPERATURE, margin=64)(case)["teacher_probs"]
+    slices = case["image"].as_tensor().permute(3, 0, 1, 2)
+    with torch.no_grad():
+        teacher_logits = teacher(slices)
+    student_logits = torch.randn(teacher_logits.shape, generator=torch.Generator().manual_seed(3))
+    loss = DistillationLoss(temperature=TEMPERATURE, kd_weight=1.0)
+    online = loss.kd_term(student_logits, teacher_logits)
+    from_cache = loss.kd_term(student_logits, None, teacher_probs=cached.permute(3, 0, 1, 2))
+    torch.testing.assert_close(from_cache, online, atol=2e-3, rtol=2e-3)
+
+
+def test_teacher_runs_once_per_case_and_again_when_its_weights_change(tmp_path, monkeypatch):
+    calls = []
+    original = TeacherSoftLabelsd._compute
+
+    def counting_compute(self, image, fingerprint):
+        calls.append(fingerprint)
+        return original(self, image, fingerprint)
+
+    monkeypatch.setattr(TeacherSoftLabelsd, "_compute", counting_compute)
+    first = TeacherSoftLabelsd("image", _teacher(0), str(tmp_path), TEMPERATURE)(_case())["teacher_probs"]
+    again = TeacherSoftLabelsd("image", _teacher(0), str(tmp_path), TEMPERATURE)(_case())["teacher_probs"]
+    assert len(calls) == 1 and torch.equal(first, again)
+    assert [p.name for p in tmp_path.iterdir()] == ["BraTS20_Training_001.pt"]
+    other = TeacherSoftLabelsd("image", _teacher(1), str(tmp_path), TEMPERATURE)(_case())["teacher_probs"]
+    assert len(calls) == 2 and not torch.equal(first, other)
+    TeacherSoftLabelsd("image", _teacher(1), str(tmp_path), TEMPERATURE * 2)(_case())
+    assert len(calls) == 3, "another temperature is another target"
+
+
+def test_volume_sides_not_divisible_by_the_network_grid_are_padded_for_the_teacher_only(tmp_path):
+    case = {"image": MetaTensor(torch.randn(3, 40, 36, 3), meta={"case_id": "odd"})}
+    probs = TeacherSoftLabelsd("image", _teacher(), str(tmp_path), TEMPERATURE)(case)["teacher_probs"]
+    assert probs.shape == (4, 40, 36, 3)
+    torch.testing.assert_close(probs.float().sum(dim=0), torch.ones(40, 36, 3), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+def test_kd_term_from_probabilities_equals_kd_term_from_logits(mode):
+    generator = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(2, 3, 8, 8, generator=generator), torch.randn(2, 3, 8, 8, generator=generator)
+    loss = DistillationLoss(temperature=TEMPERATURE, mode=mode)
+    probs = soft_labels_from_logits(teacher, TEMPERATURE, mode)
+    torch.testing.assert_close(loss.kd_term(student, None, teacher_probs=probs), loss.kd_term(student, teacher))
+
+
+def test_all_zero_soft_labels_brought_in_by_padding_add_no_kd_target():
+    student = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(5))
+    probs = torch.zeros(1, 4, 6, 6)
+    assert DistillationLoss(temperature=TEMPERATURE).kd_term(student, None, teacher_probs=probs).item() == 0.0
+
+
+def test_kd_term_needs_exactly_one_kind_of_teacher_target():
+    loss = DistillationLoss()
+    logits = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="exactly one"):
+        loss.kd_term(logits, logits, teacher_probs=logits)
+    with pytest.raises(ValueError, match="exactly one"):
+        loss.kd_term(logits, None)
