@@ -20,6 +20,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import fire
@@ -53,7 +54,7 @@ MODELS = {
     "student_kd": ("Student distilled (KD)", "network_def", "model.pt"),
 }
 _TRAINING_HINTS = {
-    "teacher": "train the teacher first (configs/train.json)",
+    "teacher": "train the teacher first (configs/train.json with configs/teacher.json merged on it)",
     "student_alone": "train the student without distillation first (configs/distill.json with kd_weight 0)",
     "student_kd": "distil the student first (configs/distill.json)",
 }
@@ -65,12 +66,13 @@ _LABEL_CMAP = ListedColormap([(0.0, 0.0, 0.0, 0.0)] + [colour for colour, _ in L
 
 
 def load_config(
-    config_file: str, bundle_root: str, dataset_dir: str, overrides: dict[str, Any] | None = None
+    config_file: str | Sequence[str], bundle_root: str, dataset_dir: str, overrides: dict[str, Any] | None = None
 ) -> ConfigParser:
-    """Read the distillation config with its ``%configs/...`` macros resolved and the given ids set.
+    """Read a config with its ``%configs/...`` macros resolved and the given ids set.
 
     Args:
-        config_file: the config (``configs/distill.json``).
+        config_file: the config (``configs/distill.json``), or a list of configs merged in order, as
+            ``monai.bundle run`` merges them (e.g. ``configs/train.json`` then ``configs/teacher.json``).
         bundle_root: the bundle root, which the config's macros are relative to.
         dataset_dir: the dataset folder.
         overrides: further config ids to set, e.g. ``{"teacher_def#channels": [8, 16, 32, 64, 128]}``.
@@ -80,7 +82,8 @@ def load_config(
     """
     bundle_root = os.path.abspath(bundle_root)
     parser = ConfigParser()
-    parser.read_config(os.path.abspath(config_file))
+    files = [config_file] if isinstance(config_file, str) else list(config_file)
+    parser.read_config([os.path.abspath(f) for f in files])
     cwd = os.getcwd()
     os.chdir(bundle_root)
     try:
@@ -224,7 +227,8 @@ def compare_models(
         output_dir: folder of the reports, created if needed.
         bundle_root: the bundle root.
         eval_split: ``training``, ``validation``, ``test`` or ``all``.
-        teacher_ckpt: teacher checkpoint (architecture ``teacher_def``); default ``<bundle_root>/models/teacher.pt``.
+        teacher_ckpt: teacher checkpoint (architecture ``teacher_def``, which the distillation config takes from
+            ``configs/teacher.json``); default ``<bundle_root>/models/teacher.pt``.
         baseline_ckpt: checkpoint of the student trained without distillation (architecture ``network_def``);
             default ``<bundle_root>/models/student_alone.pt``.
         student_ckpt: distilled student checkpoint (architecture ``network_def``); default

@@ -20,6 +20,9 @@ import fire
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 # knobs that make the real configs fit a few CPU minutes: small patches, one case per batch, frequent validation
 DEMO_KNOBS = ["--patch_size", "64", "--patches_per_case", "16", "--batch_size", "1"]
+# the teacher: configs/train.json (which trains the deployed student) with the teacher's override merged on it
+TEACHER_CONFIGS = "['configs/train.json','configs/teacher.json']"
+TEACHER_EVALUATE_CONFIGS = "['configs/train.json','configs/teacher.json','configs/evaluate.json']"
 
 
 def _shell_text(command: list[str]) -> str:
@@ -78,9 +81,9 @@ def main(
     )
     teacher_val = str(max(1, teacher_epochs // 2))
     student_val = str(max(1, student_epochs // 5))
-    _run(bundle_run + ["training", "--config_file", "configs/train.json", *data, *DEMO_KNOBS,
+    _run(bundle_run + ["training", "--config_file", TEACHER_CONFIGS, *data, *DEMO_KNOBS,
                        "--epochs", str(teacher_epochs), "--val_interval", teacher_val])  # fmt: skip
-    _run(bundle_run + ["evaluating", "--config_file", "['configs/train.json','configs/evaluate.json']", *data,
+    _run(bundle_run + ["evaluating", "--config_file", TEACHER_EVALUATE_CONFIGS, *data,
                        "--output_dir", "eval/teacher"])  # fmt: skip
     _run(bundle_run + ["training", "--config_file", "configs/distill.json", *data, *DEMO_KNOBS,
                        "--epochs", str(student_epochs), "--val_interval", student_val])  # fmt: skip

@@ -27,8 +27,10 @@ def load_teacher(teacher: nn.Module, path: str, max_keys: int = 5) -> nn.Module:
     """Load a teacher's weights with ``weights_only=True`` and freeze it (eval mode, no gradients).
 
     Args:
-        teacher: the teacher network, as defined by the config's ``teacher_def``.
-        path: checkpoint file written by the teacher's training (``models/teacher.pt``): a state dict, or a
+        teacher: the teacher network, as defined by the config's ``teacher_def`` (``configs/teacher.json``'s
+            ``network_def``).
+        path: checkpoint file written by the teacher's training (``configs/train.json`` with
+            ``configs/teacher.json`` merged on it: ``models/teacher.pt``): a state dict, or a
             checkpoint whose ``model`` entry is one.
         max_keys: how many mismatching keys an error message lists.
 
@@ -42,7 +44,8 @@ def load_teacher(teacher: nn.Module, path: str, max_keys: int = 5) -> nn.Module:
     if not os.path.isfile(path):
         raise TeacherCheckpointError(
             f"teacher checkpoint {path} not found: train the teacher first (python -m monai.bundle run training "
-            "--config_file configs/train.json) or point --teacher_ckpt to its checkpoint."
+            "--config_file \"['configs/train.json','configs/teacher.json']\") or point --teacher_ckpt to its "
+            "checkpoint."
         )
     state = check_network_checkpoint(
         teacher, path, what="teacher checkpoint", max_keys=max_keys, config_id="teacher_def"

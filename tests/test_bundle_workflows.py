@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ SHARED_SAMPLE = BUNDLE_ROOT.parent / "shared" / "data" / "brats_sample"
 # small enough for CI: 1 epoch on 32 x 32 patches of 4 tiny synthetic cases
 QUICK = "--epochs 1 --patch_size 32 --patches_per_case 2 --batch_size 2 --infer_batch_size 16".split()
 TRAIN_AND_EVALUATE = "['configs/train.json','configs/evaluate.json']"
+TEACHER = "['configs/train.json','configs/teacher.json']"
+TEACHER_AND_EVALUATE = "['configs/train.json','configs/teacher.json','configs/evaluate.json']"
 
 
 def run_bundle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -39,17 +42,17 @@ def synthetic_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def teacher_run(synthetic_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+def teacher_run(synthetic_dir, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, set[str]]:
+    """The teacher trained in a fresh bundle root: the root, the run, and the checkpoints it wrote."""
     root = tmp_path_factory.mktemp("bundle")
     result = run_bundle(
-        "training", "--config_file", "configs/train.json", "--bundle_root", str(root), "--dataset_dir",
-        str(synthetic_dir), *QUICK,
+        "training", "--config_file", TEACHER, "--bundle_root", str(root), "--dataset_dir", str(synthetic_dir), *QUICK,
     )  # fmt: skip
-    return root, result
+    return root, result, {p.name for p in (root / "models").glob("*.pt")}
 
 
 def test_teacher_training_through_the_bundle_runner_keeps_the_best_teacher(teacher_run):
-    root, result = teacher_run
+    root, result, written = teacher_run
     state = torch.load(root / "models" / "teacher.pt", weights_only=True)
     teacher = SeparableUNet(3, 4, channels=(64, 128, 256, 512, 1024), dropout=0.5)
     teacher.load_state_dict(state)  # strict: exactly the teacher's keys and shapes
@@ -57,12 +60,13 @@ def test_teacher_training_through_the_bundle_runner_keeps_the_best_teacher(teach
     for metric in ("val_mean_dice", "val_dice_wt", "val_dice_tc", "val_dice_et"):
         assert metric in output
     assert list((root / "runs" / "teacher").glob("events.out.tfevents.*")), "no TensorBoard log written"
+    assert written == {"teacher.pt", "teacher_last.pt"}  # the deployed student's model.pt is not touched
 
 
 def test_evaluation_writes_one_row_per_case_and_a_mean_row(teacher_run, synthetic_dir):
-    root, _ = teacher_run
+    root, *_ = teacher_run
     result = run_bundle(
-        "evaluating", "--config_file", TRAIN_AND_EVALUATE, "--bundle_root", str(root), "--dataset_dir",
+        "evaluating", "--config_file", TEACHER_AND_EVALUATE, "--bundle_root", str(root), "--dataset_dir",
         str(synthetic_dir), "--eval_split", "all", "--infer_batch_size", "16",
     )  # fmt: skip
     with open(root / "eval" / "metrics_all.csv") as f:
@@ -76,9 +80,9 @@ def test_evaluation_writes_one_row_per_case_and_a_mean_row(teacher_run, syntheti
 
 
 def test_evaluation_of_the_default_test_split_uses_held_out_patients(teacher_run, synthetic_dir):
-    root, _ = teacher_run
+    root, *_ = teacher_run
     run_bundle(
-        "evaluating", "--config_file", TRAIN_AND_EVALUATE, "--bundle_root", str(root), "--dataset_dir",
+        "evaluating", "--config_file", TEACHER_AND_EVALUATE, "--bundle_root", str(root), "--dataset_dir",
         str(synthetic_dir), "--infer_batch_size", "16",
     )  # fmt: skip
     with open(root / "eval" / "metrics_test.csv") as f:
@@ -87,7 +91,7 @@ def test_evaluation_of_the_default_test_split_uses_held_out_patients(teacher_run
 
 
 def test_distillation_through_the_bundle_runner_writes_the_student_as_model_pt(teacher_run, synthetic_dir):
-    root, _ = teacher_run
+    root, *_ = teacher_run
     result = run_bundle(
         "training", "--config_file", "configs/distill.json", "--bundle_root", str(root), "--dataset_dir",
         str(synthetic_dir), *QUICK,
@@ -108,12 +112,63 @@ def test_distillation_without_a_teacher_checkpoint_stops_naming_the_file(synthet
     assert not (tmp_path / "models" / "model.pt").exists()
 
 
+def test_train_config_trains_the_student_alone_into_model_pt_without_a_teacher(synthetic_dir, tmp_path):
+    result = run_bundle(
+        "training", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), "--dataset_dir",
+        str(synthetic_dir), *QUICK,
+    )  # fmt: skip
+    SeparableUNet(3, 4).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    assert {p.name for p in (tmp_path / "models").glob("*.pt")} == {"model.pt", "model_last.pt"}
+    assert "val_mean_dice" in result.stdout + result.stderr
+    assert list((tmp_path / "runs" / "student").glob("events.out.tfevents.*"))
+
+
+# what MONAI Label 0.8.5's BundleTrainTask does on "Train": configs/train.json run in-process with its overrides and
+# a CheckpointLoader (strict=False) of models/model.pt put first in train#handlers (monailabel/tasks/train/bundle.py)
+MONAI_LABEL_TRAIN = """
+import json, os, sys
+import monai.bundle, torch
+bundle_root, config_dir, cases = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sys.path.insert(0, os.path.dirname(config_dir))
+config = monai.bundle.ConfigParser()
+config.read_config(os.path.join(config_dir, "train.json"))
+handlers = config.get("train#handlers", [])
+handlers.insert(0, {"_target_": "CheckpointLoader", "load_path": os.path.join(bundle_root, "models", "model.pt"),
+                    "load_dict": {"model": "$@network"}, "strict": False})
+monai.bundle.run(
+    run_id="run", init_id=None, final_id=None, meta_file=os.path.join(config_dir, "metadata.json"),
+    config_file=os.path.join(config_dir, "train.json"), bundle_root=bundle_root, device=torch.device("cpu"),
+    **{"train#trainer#max_epochs": 1, "train#dataset#data": cases[:-1], "validate#dataset#data": cases[-1:],
+       "train#handlers": handlers, "patch_size": 32, "patches_per_case": 2, "infer_batch_size": 16},
+)
+"""
+
+
+def test_monai_label_training_fine_tunes_the_deployed_model_pt(synthetic_dir, tmp_path):
+    (tmp_path / "models").mkdir()
+    torch.save(SeparableUNet(3, 4).state_dict(), tmp_path / "models" / "model.pt")  # as distill.json writes it
+    # MONAI Label's datalist: one image file per study and its label
+    cases = [
+        {"image": str(synthetic_dir / c / f"{c}_flair.nii.gz"), "label": str(synthetic_dir / c / f"{c}_seg.nii.gz")}
+        for c in sorted(p.name for p in synthetic_dir.iterdir() if p.is_dir())
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", MONAI_LABEL_TRAIN, str(tmp_path), str(BUNDLE_ROOT / "configs"), json.dumps(cases)],
+        cwd=tmp_path, capture_output=True, text=True,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert f"Restored all variables from {tmp_path / 'models' / 'model.pt'}" in output
+    SeparableUNet(3, 4).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    assert not (tmp_path / "models" / "teacher.pt").exists()
+
+
 def test_binary_whole_tumour_task_trains_a_two_class_network(synthetic_dir, tmp_path):
     run_bundle(
         "training", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), "--dataset_dir",
         str(synthetic_dir), "--num_classes", "2", "--network_def#channels", "[8,16,32,64,128]", *QUICK,
     )  # fmt: skip
-    state = torch.load(tmp_path / "models" / "teacher.pt", weights_only=True)
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
     assert state["head.weight"].shape[0] == 2
 
 
@@ -125,7 +180,7 @@ def test_training_on_a_folder_without_cases_fails_naming_the_folder(tmp_path):
     )  # fmt: skip
     assert result.returncode != 0
     assert str(tmp_path / "empty") in result.stderr
-    assert not (tmp_path / "models" / "teacher.pt").exists()
+    assert not (tmp_path / "models" / "model.pt").exists()
 
 
 @pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason="../shared/data/brats_sample is not available")
@@ -135,7 +190,7 @@ def test_real_brats_case_trains_and_evaluates_as_it_is(tmp_path):
         "training", "--config_file", "configs/train.json", "--bundle_root", str(tmp_path), "--dataset_dir",
         str(SHARED_SAMPLE), "--epochs", "1", "--patches_per_case", "4", "--batch_size", "1", *narrow,
     )  # fmt: skip
-    assert (tmp_path / "models" / "teacher.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file()
     run_bundle(
         "evaluating", "--config_file", TRAIN_AND_EVALUATE, "--bundle_root", str(tmp_path), "--dataset_dir",
         str(SHARED_SAMPLE), *narrow,

@@ -130,3 +130,28 @@ def test_missing_checkpoint_is_reported_with_its_model_and_path(comparison, tmp_
             overrides=SMALL_TEACHER,
         )
     assert not (tmp_path / "results").exists()
+
+
+def test_missing_teacher_checkpoint_says_which_configs_train_it(comparison, tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs/train.json with configs/teacher.json merged on it"):
+        compare_models(
+            str(comparison["dataset_dir"]),
+            str(tmp_path / "results"),
+            bundle_root=BUNDLE_ROOT,
+            teacher_ckpt=str(tmp_path / "teacher.pt"),
+            baseline_ckpt=comparison["checkpoints"]["student_alone"],
+            student_ckpt=comparison["checkpoints"]["student_kd"],
+            overrides=SMALL_TEACHER,
+        )
+
+
+def test_config_list_is_merged_in_order_like_the_bundle_runner():
+    teacher = load_config(
+        [f"{BUNDLE_ROOT}/configs/train.json", f"{BUNDLE_ROOT}/configs/teacher.json"], BUNDLE_ROOT, "."
+    )
+    distill = load_config(f"{BUNDLE_ROOT}/configs/distill.json", BUNDLE_ROOT, ".")
+    network, teacher_def = teacher.get_parsed_content("network_def"), distill.get_parsed_content("teacher_def")
+    assert {k: v.shape for k, v in network.state_dict().items()} == {
+        k: v.shape for k, v in teacher_def.state_dict().items()
+    }
+    assert teacher.get_parsed_content("ckpt_name") == "teacher.pt"

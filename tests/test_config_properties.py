@@ -7,16 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow
+from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.separable_unet import SeparableUNet
 from scripts.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ["configs/train.json", "configs/teacher.json"]
 CONFIGS = [
     "configs/train.json",
+    TEACHER,
     "configs/distill.json",
     ["configs/train.json", "configs/evaluate.json"],
+    [*TEACHER, "configs/evaluate.json"],
     ["configs/distill.json", "configs/evaluate.json"],
 ]
 
@@ -51,3 +54,40 @@ def test_inference_config_defines_every_inference_property(tmp_path, monkeypatch
     monkeypatch.chdir(BUNDLE_ROOT)
     write_synthetic_dataset(tmp_path / "data", num_cases=1, shape=(32, 32, 16))
     assert check_properties("configs/inference.json", "infer", tmp_path) == []
+
+
+def parsed(config_file) -> ConfigParser:
+    """A config (or list of configs merged in order) with its macros resolved, on CPU."""
+    parser = ConfigParser()
+    parser.read_config(config_file)
+    parser["device"] = "$torch.device('cpu')"
+    parser.resolve_macro_and_relative_ids()
+    return parser
+
+
+def best_checkpoint_file(parser: ConfigParser) -> str:
+    """File name under which the validation's key-metric ``CheckpointSaver`` writes the best network."""
+    [index] = [i for i, h in enumerate(parser["validate#handlers"]) if h.get("save_key_metric")]
+    return parser.get_parsed_content(f"validate#handlers#{index}#key_metric_filename")
+
+
+def shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in network.state_dict().items()}
+
+
+def test_train_config_trains_the_deployed_student_into_model_pt(monkeypatch):
+    monkeypatch.chdir(BUNDLE_ROOT)
+    train, distill, teacher = parsed("configs/train.json"), parsed("configs/distill.json"), parsed(TEACHER)
+    # MONAI Label runs configs/train.json and first loads models/model.pt (written by distill.json) into @network
+    student = train.get_parsed_content("network_def")
+    assert shapes(student) == shapes(distill.get_parsed_content("network_def"))
+    assert sum(p.numel() for p in student.parameters()) == 605_679
+    assert train.get_parsed_content("ckpt_name") == best_checkpoint_file(train) == "model.pt"
+    assert best_checkpoint_file(distill) == "model.pt"
+    # the teacher: configs/teacher.json merged on train.json, as distill.json's teacher_def
+    network = teacher.get_parsed_content("network_def")
+    assert sum(p.numel() for p in network.parameters()) == 9_475_935
+    assert shapes(network) == shapes(distill.get_parsed_content("teacher_def"))
+    assert best_checkpoint_file(teacher) == "teacher.pt"
+    assert teacher.get_parsed_content("last_ckpt_name") == "teacher_last.pt"
+    assert train.get_parsed_content("last_ckpt_name") == "model_last.pt"

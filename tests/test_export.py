@@ -20,11 +20,14 @@ META_FILE = BUNDLE_ROOT / "configs" / "metadata.json"
 SCHEMA = BUNDLE_ROOT.parent / "shared" / "modelzoo" / "schema" / "meta_schema_20240725.json"
 needs_schema = pytest.mark.skipif(not SCHEMA.is_file(), reason="../shared/modelzoo/schema is not available")
 TEACHER = {"channels": (64, 128, 256, 512, 1024), "dropout": 0.5}
+TEACHER_CONFIGS = ["configs/train.json", "configs/teacher.json"]
 ignore_jit_deprecation = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 
 
-def export_and_compare(config: str, network: SeparableUNet, tmp_path: Path) -> None:
-    """Save ``network``'s weights, export them with ``ckpt_export`` from ``config``, compare TorchScript and eager."""
+def export_and_compare(config: str | list[str], network: SeparableUNet, tmp_path: Path) -> None:
+    """Save ``network``'s weights, export them with ``ckpt_export`` from ``config`` (a config, or a list merged in
+    order), compare TorchScript and eager."""
+    configs = [config] if isinstance(config, str) else config
     bundle = tmp_path / "bundle"
     (bundle / "models").mkdir(parents=True)
     ckpt = bundle / "models" / "model.pt"
@@ -32,13 +35,13 @@ def export_and_compare(config: str, network: SeparableUNet, tmp_path: Path) -> N
     ts_file = tmp_path / "model.ts"
     command = [
         sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_file),
-        "--ckpt_file", str(ckpt), "--meta_file", "configs/metadata.json", "--config_file", config,
+        "--ckpt_file", str(ckpt), "--meta_file", "configs/metadata.json", "--config_file", str(configs),
         "--bundle_root", str(bundle),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, f"ckpt_export failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
 
-    extra_files = {"metadata.json": "", Path(config).stem + ".json": ""}
+    extra_files = {"metadata.json": "", **{Path(c).stem + ".json": "" for c in configs}}
     scripted = torch.jit.load(str(ts_file), map_location="cpu", _extra_files=extra_files)
     assert json.loads(extra_files["metadata.json"])["version"] == json.loads(META_FILE.read_text())["version"]
     network.eval()
@@ -69,7 +72,7 @@ def test_student_exports_to_torchscript_equal_to_the_eager_network(tmp_path):
 @ignore_jit_deprecation
 def test_teacher_exports_to_torchscript_equal_to_the_eager_network(tmp_path):
     torch.manual_seed(0)
-    export_and_compare("configs/train.json", randomised(SeparableUNet(3, 4, **TEACHER)), tmp_path)
+    export_and_compare(TEACHER_CONFIGS, randomised(SeparableUNet(3, 4, **TEACHER)), tmp_path)
 
 
 def test_metadata_data_formats_match_the_student_and_teacher_networks():
@@ -79,7 +82,8 @@ def test_metadata_data_formats_match_the_student_and_teacher_networks():
     common = {"net_id": "network_def", "meta_file": str(META_FILE), "device": "cpu", "bundle_root": str(BUNDLE_ROOT)}
     verify_net_in_out(config_file=str(BUNDLE_ROOT / "configs" / "inference.json"), **common)
     teacher_format = {"_meta_#network_data_format": meta["teacher_data_format"]}
-    verify_net_in_out(config_file=str(BUNDLE_ROOT / "configs" / "train.json"), **common, **teacher_format)
+    teacher_configs = [str(BUNDLE_ROOT / c) for c in TEACHER_CONFIGS]
+    verify_net_in_out(config_file=teacher_configs, **common, **teacher_format)
 
 
 @needs_schema

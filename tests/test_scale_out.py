@@ -29,6 +29,7 @@ BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 QUICK = "--patch_size 32 --patches_per_case 2 --batch_size 1 --infer_batch_size 16".split()
 NARROW = ["--network_def#channels", "[8,16,32,64,128]"]
 DISTILL = "configs/distill.json"
+TEACHER = "['configs/train.json','configs/teacher.json']"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -102,7 +103,7 @@ def test_two_process_distillation_matches_a_single_process_evaluation(data, tmp_
 
 def test_teacher_training_killed_mid_run_resumes_at_the_next_epoch(data, tmp_path):
     bundle = tmp_path / "bundle"
-    args = ["training", "--config_file", "configs/train.json", "--bundle_root", str(bundle), *data_args(data)]
+    args = ["training", "--config_file", TEACHER, "--bundle_root", str(bundle), *data_args(data)]
     args += ["--epochs", "6", *QUICK, *NARROW]
     last = bundle / "models" / "teacher_last.pt"
     process = subprocess.Popen(
@@ -145,7 +146,7 @@ def test_resume_without_a_last_checkpoint_names_the_file(data, tmp_path):
                        *data_args(data), "--epochs", "1", "--resume", "true", *QUICK, *NARROW), check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert f"cannot resume: last checkpoint {tmp_path / 'models' / 'teacher_last.pt'} not found" in result.stderr
+    assert f"cannot resume: last checkpoint {tmp_path / 'models' / 'model_last.pt'} not found" in result.stderr
 
 
 def test_distillation_with_a_fixed_seed_repeats_its_losses_exactly(data, tmp_path):

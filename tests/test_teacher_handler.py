@@ -48,7 +48,9 @@ def test_checkpoint_with_a_model_entry_is_accepted(tmp_path):
 
 
 def test_missing_teacher_checkpoint_names_the_file_and_how_to_make_it(tmp_path):
-    with pytest.raises(TeacherCheckpointError, match=r"absent\.pt not found.*configs/train\.json"):
+    with pytest.raises(
+        TeacherCheckpointError, match=r"absent\.pt not found.*'configs/train\.json','configs/teacher\.json'"
+    ):
         load_teacher(tiny_teacher(), str(tmp_path / "absent.pt"))
 
 
