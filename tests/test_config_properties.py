@@ -91,3 +91,13 @@ def test_train_config_trains_the_deployed_student_into_model_pt(monkeypatch):
     assert best_checkpoint_file(teacher) == "teacher.pt"
     assert teacher.get_parsed_content("last_ckpt_name") == "teacher_last.pt"
     assert train.get_parsed_content("last_ckpt_name") == "model_last.pt"
+
+
+def test_training_loader_reads_one_file_studies_with_the_configs_modalities(monkeypatch):
+    # MONAI Label hands training one image file per study; its sibling sequences are chosen by `modalities`
+    monkeypatch.chdir(BUNDLE_ROOT)
+    for config_file in ("configs/train.json", TEACHER, "configs/distill.json"):
+        parser = parsed(config_file)
+        parser["modalities"] = ["flair", "t1", "t1ce", "t2"]
+        loader = parser.get_parsed_content("train#preprocessing_transforms")[0]
+        assert loader.modalities == ["flair", "t1", "t1ce", "t2"]
