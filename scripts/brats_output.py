@@ -21,6 +21,7 @@ from scripts.brats_data import LABEL_MAPS
 __all__ = [
     "OUTPUT_CONVENTIONS",
     "internal_to_release",
+    "ArgmaxLabeld",
     "ToReleaseLabelsd",
     "EmptyBrainToBackgroundd",
     "AtomicNibabelWriter",
@@ -60,6 +61,37 @@ def _case_meta(data: Mapping[Hashable, Any], key: Hashable, ref_key: Hashable) -
         if isinstance(data.get(k), MetaTensor) and "brats_layout" in data[k].meta:
             return data[k].meta
     return {}
+
+
+class ArgmaxLabeld(MapTransform):
+    """Class logits (C, *spatial) to a (1, *spatial) label map of class indices, as ``AsDiscreted(argmax=True)``.
+
+    ``torch.argmax`` over the channel dimension of a channel-first volume is a strided reduction that takes ~1 s
+    for 4 x 240 x 240 x 155 logits on a CPU core; ``torch.max(...).indices`` gives the same indices (the first
+    maximum on ties) about 10x faster. The label map is stored as ``dtype`` (uint8 by default: BraTS has at most
+    a handful of classes), metadata kept.
+
+    Args:
+        keys: keys of the logits.
+        dtype: integer dtype of the label map; it must hold every class index.
+        allow_missing_keys: don't raise if a key is missing.
+
+    Raises:
+        ValueError: if a tensor has more classes than ``dtype`` can hold.
+    """
+
+    def __init__(self, keys: KeysCollection, dtype: torch.dtype = torch.uint8, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.dtype = dtype
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            logits = d[key]
+            if logits.shape[0] - 1 > torch.iinfo(self.dtype).max:
+                raise ValueError(f"{logits.shape[0]} classes of {key!r} do not fit {self.dtype}.")
+            d[key] = logits.max(dim=0, keepdim=True).indices.to(self.dtype)
+        return d
 
 
 class ToReleaseLabelsd(MapTransform):

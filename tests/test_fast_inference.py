@@ -1,5 +1,5 @@
 # Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
-"""The fast inference path gives the plain ``SliceInferer`` result, and its crop stays on the network's grid."""
+"""The fast inference path gives the plain path's result (``SliceInferer``, ``AsDiscreted``); its crop stays on grid."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import pytest
 import torch
 from monai.data import MetaTensor
 from monai.inferers import SliceInferer
+from monai.transforms import AsDiscreted
 from torch import nn
 
+from scripts.brats_output import ArgmaxLabeld
 from scripts.fast_inference import BrainSliceInferer, brain_bounding_box, fold_batchnorm, prepare_for_inference
 from scripts.separable_unet import SeparableUNet
 
@@ -111,3 +113,14 @@ def test_brain_bounding_box_at_the_border_keeps_a_divisible_size():
 def test_brain_slice_inferer_rejects_inputs_that_are_not_volumes():
     with pytest.raises(ValueError, match=r"\(B, C, H, W, D\)"):
         BrainSliceInferer()(torch.zeros(1, 3, 16, 16), SeparableUNet(3, 2).eval())
+
+
+def test_argmax_label_map_equals_monai_as_discrete_including_ties():
+    logits = torch.randn(4, 6, 5, 3, generator=torch.Generator().manual_seed(7))
+    logits[:, 0, 0, 0] = 1.0  # a four-way tie: the first class wins in both
+    logits[1:3, 1, 0, 0] = 5.0  # a tie between classes 1 and 2
+    pred = MetaTensor(logits, meta={"case_id": "c"})
+    expected = AsDiscreted(keys="pred", argmax=True)({"pred": pred.clone()})["pred"]
+    actual = ArgmaxLabeld(keys="pred")({"pred": pred})["pred"]
+    assert actual.dtype == torch.uint8 and actual.meta["case_id"] == "c"
+    assert torch.equal(actual.as_tensor().long(), expected.as_tensor().long())
