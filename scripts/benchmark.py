@@ -41,6 +41,7 @@ import matplotlib
 import monai
 import numpy as np
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.data import decollate_batch, list_data_collate
 from monai.inferers import Inferer, SlidingWindowInferer
@@ -62,6 +63,7 @@ from scripts.brats_data import find_cases
 from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint
 from scripts.compare_models import load_config
 from scripts.flops import conv_gflops, counting_conv_flops
+from scripts.soft_labels import soft_labels_from_logits
 from scripts.synthetic_brats import write_synthetic_dataset
 
 matplotlib.use("Agg")
@@ -92,6 +94,18 @@ TRAINING_MODES = {
     "teacher": "Teacher training",
     "student_alone": "Student alone",
     "distillation": "Online distillation (student + frozen teacher)",
+    "distillation_cached": "Distillation from cached soft labels",
+}
+EPOCH_NAMES = {
+    "student_alone": "Student alone (kd_weight 0)",
+    "distillation_online": "Online distillation (soft_labels online)",
+    "distillation_cached": "Distillation from cached soft labels (soft_labels cached)",
+}
+# configs/distill.json overrides of the per-epoch comparison
+EPOCH_MODES = {
+    "student_alone": {"kd_weight": 0.0, "soft_labels": "online"},
+    "distillation_online": {"soft_labels": "online"},
+    "distillation_cached": {"soft_labels": "cached"},
 }
 MEMORY_METHOD = {
     "cpu": (
@@ -340,7 +354,7 @@ def _fast_path_agreement(
 
 
 def _training_setup(
-    config_file: str, bundle_root: str, device: torch.device, overrides: dict[str, Any] | None = None
+    config_file: str | list[str], bundle_root: str, device: torch.device, overrides: dict[str, Any] | None = None
 ) -> tuple[nn.Module, torch.optim.Optimizer, nn.Module, ConfigParser]:
     """A training config's network (random weights, train mode), optimizer and loss."""
     parser = load_config(config_file, bundle_root, bundle_root, overrides)
@@ -353,12 +367,14 @@ def _benchmark_training(
     bundle_root: str, batch: int, patch: int, iterations: int, device: torch.device, amp: bool, progress: tqdm
 ) -> dict[str, Any]:
     """Seconds per iteration and slices per second of teacher, student-alone and distillation training."""
-    train_json = os.path.join(bundle_root, "configs", "train.json")
-    distill_json = os.path.join(bundle_root, "configs", "distill.json")
+    train_json, teacher_json, distill_json = (
+        os.path.join(bundle_root, "configs", name) for name in ("train.json", "teacher.json", "distill.json")
+    )
     setups = {
-        "teacher": _training_setup(train_json, bundle_root, device),
+        "teacher": _training_setup([train_json, teacher_json], bundle_root, device),
         "student_alone": _training_setup(distill_json, bundle_root, device, {"kd_weight": 0.0}),
         "distillation": _training_setup(distill_json, bundle_root, device),
+        "distillation_cached": _training_setup(distill_json, bundle_root, device),
     }
     distill_parser = setups["distillation"][3]
     teacher = distill_parser.get_parsed_content("teacher_def").to(device).eval().requires_grad_(False)
@@ -367,6 +383,9 @@ def _benchmark_training(
     num_classes = distill_parser.get_parsed_content("num_classes")
     images = torch.randn(batch, in_channels, patch, patch, generator=generator).to(device)
     labels = torch.randint(0, num_classes, (batch, 1, patch, patch), generator=generator).to(device)
+    with torch.no_grad():  # what the cache hands the loss: the teacher's softened probabilities, float16
+        temperature = distill_parser.get_parsed_content("temperature")
+        cached_probs = soft_labels_from_logits(teacher(images), temperature).half()
 
     results: dict[str, Any] = {"batch": batch, "patch_size": patch, "iterations": iterations}
     for mode, (network, optimizer, loss_function, _) in setups.items():
@@ -377,7 +396,9 @@ def _benchmark_training(
             with _autocast(device, amp):
                 if mode == "teacher":
                     loss = loss_function(network(images), labels)
-                else:  # as FrozenTeacherHandler: the teacher first, on the same batch, unless kd_weight is 0
+                elif mode == "distillation_cached":  # as FrozenTeacherHandler with cached soft labels
+                    loss = loss_function(network(images), labels, None, teacher_probs=cached_probs)
+                else:  # as FrozenTeacherHandler online: the teacher on the same batch, unless kd_weight is 0
                     with torch.no_grad():
                         teacher_logits = teacher(images) if mode == "distillation" else None
                     loss = loss_function(network(images), labels, teacher_logits)
@@ -390,8 +411,86 @@ def _benchmark_training(
         progress.update(1 + iterations)
         seconds = statistics.median(runs)
         results[mode] = {"iteration_s": seconds, "iteration_runs_s": runs, "slices_per_s": batch / seconds}
-    results["distillation_over_student_alone"] = (
-        results["distillation"]["iteration_s"] / results["student_alone"]["iteration_s"]
+    for mode in ("distillation", "distillation_cached"):
+        results[f"{mode}_over_student_alone"] = results[mode]["iteration_s"] / results["student_alone"]["iteration_s"]
+    return results
+
+
+class _EpochTimer:
+    """Ignite handler recording the wall time of every epoch of a trainer (validation excluded by the caller)."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def attach(self, engine: Any) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._completed)
+
+    def _started(self, engine: Any) -> None:
+        self._start = time.perf_counter()
+
+    def _completed(self, engine: Any) -> None:
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _benchmark_epochs(
+    bundle_root: str,
+    dataset_dir: str,
+    workdir: Path,
+    epochs: int,
+    patch: int,
+    device: torch.device,
+    amp: bool,
+    progress: tqdm,
+) -> dict[str, Any]:
+    """Time per training epoch of ``configs/distill.json`` as users run it: student alone, online and cached KD.
+
+    Each mode runs the real trainer (data pipeline and augmentation included, ``cache_rate`` 1, no validation) for
+    ``epochs`` epochs on the benchmark case with a random-weight teacher checkpoint; the first epoch is a warm-up.
+    Building the training dataset is timed apart: in cached mode it includes the teacher's one pass per case.
+    """
+    distill_json = os.path.join(bundle_root, "configs", "distill.json")
+    teacher_ckpt = workdir / "teacher.pt"
+    teacher = load_config(distill_json, bundle_root, dataset_dir).get_parsed_content("teacher_def")
+    torch.save(teacher.state_dict(), teacher_ckpt)
+    common = {
+        "device": f"$torch.device('{device}')",
+        "amp": amp,
+        "epochs": epochs,
+        "val_interval": epochs + 1,
+        "teacher_validation": False,
+        "teacher_ckpt": str(teacher_ckpt),
+        "patch_size": patch,
+        "cache_rate": 1.0,
+        "num_workers": 0,
+        "ckpt_dir": str(workdir / "epoch_models"),
+        "log_dir": str(workdir / "epoch_runs"),
+        "soft_label_dir": str(workdir / "soft_labels"),
+    }
+    results: dict[str, Any] = {"epochs": epochs, "patch_size": patch}
+    for mode, overrides in EPOCH_MODES.items():
+        parser = load_config(distill_json, bundle_root, dataset_dir, {**common, **overrides})
+        start = time.perf_counter()
+        dataset = parser.get_parsed_content("train#dataset")
+        dataset_s = time.perf_counter() - start
+        trainer = parser.get_parsed_content("train#trainer")
+        timer = _EpochTimer()
+        timer.attach(trainer)
+        trainer.run()
+        progress.update()
+        steady = timer.seconds[1:] or timer.seconds
+        results[mode] = {
+            "epoch_s": statistics.median(steady),
+            "epoch_runs_s": timer.seconds,
+            "dataset_build_s": dataset_s,
+            "train_cases": len(dataset),
+            "patches_per_epoch": len(dataset) * parser.get_parsed_content("patches_per_case"),
+        }
+    for mode in ("distillation_online", "distillation_cached"):
+        results[f"{mode}_over_student_alone"] = results[mode]["epoch_s"] / results["student_alone"]["epoch_s"]
+    results["soft_label_pass_s"] = (
+        results["distillation_cached"]["dataset_build_s"] - results["student_alone"]["dataset_build_s"]
     )
     return results
 
@@ -469,9 +568,28 @@ def _markdown(results: dict[str, Any]) -> str:
     ]
     for mode, name in TRAINING_MODES.items():
         lines.append(f"| {name} | {training[mode]['iteration_s']:.3f} | {training[mode]['slices_per_s']:.1f} |")
+    epochs = results["epochs"]
     lines += [
         "",
-        f"Distillation / student-alone time per iteration: {training['distillation_over_student_alone']:.2f}.",
+        f"Distillation / student-alone time per iteration: {training['distillation_over_student_alone']:.2f} online, "
+        f"{training['distillation_cached_over_student_alone']:.2f} from cached soft labels.",
+        "",
+        f"| Training epoch (`configs/distill.json`, {epochs['student_alone']['train_cases']} case(s), "
+        f"{epochs['student_alone']['patches_per_epoch']} patches of {epochs['patch_size']}x{epochs['patch_size']}) "
+        "| s / epoch | vs student alone | building the training data (s) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for mode, name in EPOCH_NAMES.items():
+        ratio = epochs[mode]["epoch_s"] / epochs["student_alone"]["epoch_s"]
+        lines.append(
+            f"| {name} | {epochs[mode]['epoch_s']:.3f} | {ratio:.2f}x | {epochs[mode]['dataset_build_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "Cached soft labels: one teacher pass per case when the training data is built "
+        f"({epochs['soft_label_pass_s']:.1f} s more than for the student alone here), then each epoch costs "
+        f"{epochs['distillation_cached_over_student_alone']:.2f}x the student alone "
+        f"(online distillation: {epochs['distillation_online_over_student_alone']:.2f}x).",
         "",
         "Network only: the preprocessed volume through the inferer (student and teacher: `configs/inference.json`'s "
         "`BrainSliceInferer` with its defaults for the device, i.e. BatchNorm folded, channels-last, slices without "
@@ -485,7 +603,9 @@ def _markdown(results: dict[str, Any]) -> str:
         "volume GFLOPs / network-only latency. Peak memory: "
         f"{MEMORY_METHOD[machine['device'].split(':')[0]]}. Training: {training['iterations']} timed iterations "
         "(Adam, configs' losses: DiceCE, distillation loss with the frozen teacher's forward pass) after one warm-up, "
-        "same random batch for all three.",
+        "same random batch for all (the cached mode gets the teacher's float16 probabilities of that batch). Epochs: "
+        "the real trainer of `configs/distill.json` (augmentation included, no validation, random-weight teacher "
+        f"checkpoint) for {epochs['epochs']} epochs; median of all but the first.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -589,7 +709,8 @@ def benchmark(
             "segresnet": _peer_model(dataset_dir, seg_dir, torch_device, roi),
         }
         iterations = repeats
-        steps = len(models) * (2 * repeats + 4) + len(TRAINING_MODES) * (1 + iterations) + 1
+        epochs = 2 if quick else repeats + 1
+        steps = len(models) * (2 * repeats + 4) + len(TRAINING_MODES) * (1 + iterations) + len(EPOCH_MODES) + 1
         with tqdm(total=steps, desc="benchmark") as progress:
             results["matmul"] = matmul_gflops_per_s(QUICK_MATMUL_SIZE if quick else MATMUL_SIZE, repeats, torch_device)
             progress.update()
@@ -604,6 +725,17 @@ def benchmark(
                 QUICK_TRAIN_BATCH if quick else TRAIN_BATCH,
                 QUICK_TRAIN_PATCH if quick else TRAIN_PATCH,
                 iterations,
+                torch_device,
+                amp,
+                progress,
+            )
+            progress.set_postfix_str("epochs")
+            results["epochs"] = _benchmark_epochs(
+                bundle_root,
+                dataset_dir,
+                workdir,
+                epochs,
+                QUICK_TRAIN_PATCH if quick else TRAIN_PATCH,
                 torch_device,
                 amp,
                 progress,

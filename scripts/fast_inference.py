@@ -79,7 +79,8 @@ def fold_batchnorm(network: nn.Module) -> int:
 def prepare_for_inference(network: nn.Module, channels_last: bool = True) -> nn.Module:
     """A copy of ``network`` made fast for inference: BatchNorm folded, optionally in channels-last memory format.
 
-    A TorchScript module, or a network in training mode, is returned unchanged (nothing can be folded safely).
+    A ``DistributedDataParallel`` wrapper is unwrapped (inference needs no gradient synchronisation). A TorchScript
+    module, or a network in training mode, is returned unchanged (nothing can be folded safely).
 
     Args:
         network: the 2D network.
@@ -88,6 +89,7 @@ def prepare_for_inference(network: nn.Module, channels_last: bool = True) -> nn.
     Returns:
         the prepared copy (or ``network`` itself, see above).
     """
+    network = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
     if isinstance(network, torch.jit.ScriptModule) or network.training:
         return network
     prepared = copy.deepcopy(network)

@@ -44,6 +44,24 @@ def test_fast_path_is_compared_with_the_plain_slice_inferer_on_the_same_weights(
     assert "faster than the plain `SliceInferer`" in Path(quick_run["files"]["md"]).read_text()
 
 
+def test_teacher_training_row_trains_the_teacher_and_cached_distillation_is_timed(quick_run):
+    training = quick_run["training"]
+    assert training["teacher"]["iteration_s"] > training["student_alone"]["iteration_s"]
+    expected = training["distillation_cached"]["iteration_s"] / training["student_alone"]["iteration_s"]
+    assert training["distillation_cached_over_student_alone"] == pytest.approx(expected)
+
+
+def test_epochs_of_the_real_distillation_trainer_are_timed_for_each_soft_label_mode(quick_run):
+    epochs = quick_run["epochs"]
+    assert set(benchmark.EPOCH_MODES) <= set(epochs)
+    for mode in benchmark.EPOCH_MODES:
+        assert len(epochs[mode]["epoch_runs_s"]) == epochs["epochs"] == 2
+        assert epochs[mode]["epoch_s"] > 0 and epochs[mode]["patches_per_epoch"] > 0
+    ratio = epochs["distillation_cached"]["epoch_s"] / epochs["student_alone"]["epoch_s"]
+    assert epochs["distillation_cached_over_student_alone"] == pytest.approx(ratio)
+    assert "Distillation from cached soft labels" in Path(quick_run["files"]["md"]).read_text()
+
+
 def test_parameter_counts_are_those_of_the_student_teacher_and_model_zoo_segresnet(quick_run):
     segresnet = SegResNet(
         blocks_down=[1, 2, 2, 4], blocks_up=[1, 1, 1], init_filters=16, in_channels=4, out_channels=3, dropout_prob=0.2

@@ -100,6 +100,32 @@ def test_distillation_through_the_bundle_runner_writes_the_student_as_model_pt(t
     output = result.stdout + result.stderr
     assert "teacher_val_mean_dice" in output and "val_mean_dice" in output
     assert list((root / "runs" / "distill").glob("events.out.tfevents.*"))
+    # the default soft_labels "cached": one file of teacher soft labels per training case
+    assert sorted(p.name for p in (root / "cache" / "soft_labels").glob("*.pt")), "no soft labels were cached"
+
+
+def test_online_distillation_runs_without_a_soft_label_cache(teacher_run, synthetic_dir, tmp_path):
+    root, *_ = teacher_run
+    run_bundle(
+        "training", "--config_file", "configs/distill.json", "--bundle_root", str(root), "--dataset_dir",
+        str(synthetic_dir), "--soft_labels", "online", "--soft_label_dir", str(tmp_path / "cache"),
+        "--ckpt_dir", str(tmp_path / "models"), "--teacher_ckpt", str(root / "models" / "teacher.pt"),
+        "--teacher_validation", "false", *QUICK,
+    )  # fmt: skip
+    SeparableUNet(3, 4).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_unknown_soft_label_mode_stops_naming_the_choices(teacher_run, synthetic_dir, tmp_path):
+    root, *_ = teacher_run
+    result = run_bundle(
+        "training", "--config_file", "configs/distill.json", "--bundle_root", str(root), "--dataset_dir",
+        str(synthetic_dir), "--soft_labels", "cache", "--ckpt_dir", str(tmp_path / "models"), "--teacher_ckpt",
+        str(root / "models" / "teacher.pt"), *QUICK, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "soft_labels must be one of ('online', 'cached'), got 'cache'" in result.stdout + result.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()
 
 
 def test_distillation_without_a_teacher_checkpoint_stops_naming_the_file(synthetic_dir, tmp_path):

@@ -3,15 +3,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.transforms import Compose
 from torch import nn
 
+from scripts.compare_models import load_config
 from scripts.distillation_loss import DistillationLoss
 from scripts.separable_unet import SeparableUNet
 from scripts.soft_labels import TeacherSoftLabelsd, soft_labels_from_logits
 
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 2.0
 
 
@@ -113,3 +119,39 @@ def test_kd_term_needs_exactly_one_kind_of_teacher_target():
         loss.kd_term(logits, logits, teacher_probs=logits)
     with pytest.raises(ValueError, match="exactly one"):
         loss.kd_term(logits, None)
+
+
+def _distill_random_transforms(soft_labels: str, kd_weight: float = 0.5) -> tuple[ConfigParser, object]:
+    parser = load_config(str(BUNDLE_ROOT / "configs" / "distill.json"), str(BUNDLE_ROOT), str(BUNDLE_ROOT))
+    parser["soft_labels"] = soft_labels
+    parser["kd_weight"] = kd_weight
+    parser["patch_size"] = 32
+    parser["patches_per_case"] = 4
+    return parser, Compose(parser.get_parsed_content("train#random_transforms"))
+
+
+def test_cached_mode_moves_the_soft_labels_with_every_spatial_augmentation():
+    parser, transforms = _distill_random_transforms("cached")
+    assert parser.get_parsed_content("spatial_keys") == ["image", "label", "teacher_probs"]
+    label = torch.zeros(1, 48, 48, 6, dtype=torch.long)
+    label[0, 10:30, 12:36] = 2
+    label[0, 16:24, 18:28] = 3
+    label[0, 20:22, 20:22] = 1
+    one_hot = torch.nn.functional.one_hot(label[0], 4).permute(3, 0, 1, 2).half()  # a teacher that agrees
+    data = {"image": torch.randn(3, 48, 48, 6).abs() + 0.1, "label": label.float(), "teacher_probs": one_hot}
+    transforms.set_random_state(seed=0)
+    for patch in transforms(data):  # flips, rotations, zooms and crops: labels and soft labels stay aligned
+        probs, patch_label = patch["teacher_probs"], patch["label"][0].long()
+        assert probs.shape[1:] == patch_label.shape
+        confident = probs.float().max(dim=0).values > 0.6  # away from the bilinear blur of the label's edges
+        assert (probs.float().argmax(dim=0)[confident] == patch_label[confident]).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("soft_labels, kd_weight", [("online", 0.5), ("cached", 0.0)])
+def test_online_mode_and_the_student_alone_keep_the_teacher_out_of_the_data_pipeline(soft_labels, kd_weight):
+    parser, _ = _distill_random_transforms(soft_labels, kd_weight)
+    assert parser.get_parsed_content("spatial_keys") == ["image", "label"]
+    assert parser.get_parsed_content("spatial_modes") == ["bilinear", "nearest"]
+    parser["teacher"] = "$None"  # the pipeline must not need the teacher in online mode
+    transforms = parser.get_parsed_content("train#preprocessing").transforms
+    assert not any(isinstance(t, TeacherSoftLabelsd) for t in transforms)
