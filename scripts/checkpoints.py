@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ __all__ = [
     "NetworkCheckpointLoader",
     "atomic_torch_save",
     "read_checkpoint",
+    "state_dict_fingerprint",
 ]
 
 
@@ -240,6 +242,22 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         ) from e
     except Exception as e:
         raise CheckpointMismatchError(f"cannot read {what} {path} (corrupt or truncated?): {e}") from e
+
+
+def state_dict_fingerprint(network: nn.Module) -> str:
+    """SHA-1 of a network's state dict (names, shapes, dtypes and values): equal fingerprints, equal weights.
+
+    Args:
+        network: any module.
+
+    Returns:
+        the hex digest.
+    """
+    digest = hashlib.sha1()
+    for name, value in network.state_dict().items():
+        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _network_state(checkpoint: Any, key: str, path: str, what: str) -> Mapping[str, torch.Tensor]:

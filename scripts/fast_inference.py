@@ -11,7 +11,10 @@ tolerance, with these exact shortcuts:
 - slices without brain (every input channel 0, as z-scoring with ``nonzero=True`` leaves background) are not run:
   the network's output on an all-zero slice is computed once and copied there, which is exactly what the plain path
   computes for them;
-- slices are batched ``sw_batch_size`` at a time.
+- slices are batched ``sw_batch_size`` at a time;
+- optionally (``backend="onnxruntime"``, CPU only, ``pip install onnxruntime``) the prepared network is exported to
+  ONNX once per set of weights and run by ONNX Runtime, which is faster than PyTorch's CPU kernels for the
+  student's depthwise convolutions (see ``scripts.benchmark``).
 
 With ``crop_to_brain=True`` (the default of ``configs/inference.json``) each brain slice is also cropped in plane to
 the brain's bounding box plus ``margin`` voxels, aligned to the network's ``divisor`` grid; voxels outside the box
@@ -23,17 +26,32 @@ label map is measured by ``scripts.benchmark`` and tested; ``crop_to_brain=False
 from __future__ import annotations
 
 import copy
+import io
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from monai.inferers import Inferer
-from monai.utils import convert_to_dst_type
+from monai.utils import convert_to_dst_type, optional_import
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-__all__ = ["BrainSliceInferer", "brain_bounding_box", "fold_batchnorm", "prepare_for_inference"]
+from scripts.checkpoints import state_dict_fingerprint
+
+ort, has_onnxruntime = optional_import("onnxruntime")
+
+__all__ = [
+    "BACKENDS",
+    "BrainSliceInferer",
+    "OnnxRuntimeNetwork",
+    "brain_bounding_box",
+    "fold_batchnorm",
+    "prepare_for_inference",
+]
+
+BACKENDS = ("torch", "onnxruntime")
 
 
 def _last_conv(module: nn.Module) -> nn.Conv2d | None:
@@ -128,6 +146,48 @@ def brain_bounding_box(brain: torch.Tensor, margin: int, divisor: int) -> tuple[
     )
 
 
+class OnnxRuntimeNetwork:
+    """A 2D network exported to ONNX and run by ONNX Runtime on CPU, called like the network on (N, C, H, W).
+
+    Args:
+        network: the network, in eval mode (exported as it is: prepare it first, e.g. with BatchNorm folded).
+        in_channels: channels of its input.
+        num_threads: ONNX Runtime's intra-op threads (default: PyTorch's ``torch.get_num_threads()``).
+
+    Raises:
+        ImportError: if ``onnxruntime`` is not installed.
+    """
+
+    def __init__(self, network: nn.Module, in_channels: int, num_threads: int | None = None) -> None:
+        if not has_onnxruntime:
+            raise ImportError("BrainSliceInferer backend 'onnxruntime' needs ONNX Runtime: pip install onnxruntime")
+        buffer = io.BytesIO()
+        example = torch.zeros(1, in_channels, 32, 32)
+        with warnings.catch_warnings():  # the tracer warns about the network's own shape check, which stays valid
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                network.cpu(),
+                (example,),
+                buffer,
+                input_names=["image"],
+                output_names=["logits"],
+                dynamic_axes={
+                    "image": {0: "batch", 2: "height", 3: "width"},
+                    "logits": {0: "batch", 2: "height", 3: "width"},
+                },
+                opset_version=17,
+                dynamo=False,
+            )
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = num_threads or torch.get_num_threads()
+        self.session = ort.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, slices: torch.Tensor) -> torch.Tensor:
+        """Logits of (N, C, H, W) float32 CPU slices."""
+        array = slices.detach().to(torch.float32).contiguous().numpy()
+        return torch.from_numpy(self.session.run(None, {"image": array})[0])
+
+
 class BrainSliceInferer(Inferer):
     """Run a 2D network on the axial slices of (B, C, H, W, D) volumes, skipping slices and voxels without brain.
 
@@ -139,10 +199,13 @@ class BrainSliceInferer(Inferer):
         divisor: the network's size divisor (``2 ** number of poolings``); cropped boxes are aligned to it.
         channels_last: run the network on channels-last tensors.
         fold_bn: fold BatchNorm into convolutions (see ``fold_batchnorm``).
+        backend: ``torch``, or ``onnxruntime`` (CPU inputs and an ``nn.Module`` in eval mode; the ONNX export is
+            kept while the network's weights stay the same).
 
     Raises:
-        ValueError: on inputs that are not 5D or on a non-positive ``sw_batch_size``, ``margin`` < 0 or
-            ``divisor`` < 1.
+        ValueError: on inputs that are not 5D, on a non-positive ``sw_batch_size``, ``margin`` < 0, ``divisor``
+            < 1, an unknown ``backend``, or the ``onnxruntime`` backend asked for CUDA inputs.
+        ImportError: when the ``onnxruntime`` backend is asked for but ONNX Runtime is not installed.
     """
 
     def __init__(
@@ -153,8 +216,13 @@ class BrainSliceInferer(Inferer):
         divisor: int = 16,
         channels_last: bool = True,
         fold_bn: bool = True,
+        backend: str = "torch",
     ) -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+        if backend == "onnxruntime" and not has_onnxruntime:
+            raise ImportError("BrainSliceInferer backend 'onnxruntime' needs ONNX Runtime: pip install onnxruntime")
         if sw_batch_size < 1 or margin < 0 or divisor < 1:
             raise ValueError(
                 f"BrainSliceInferer needs sw_batch_size >= 1, margin >= 0 and divisor >= 1; got {sw_batch_size}, "
@@ -166,11 +234,36 @@ class BrainSliceInferer(Inferer):
         self.divisor = divisor
         self.channels_last = channels_last
         self.fold_bn = fold_bn
+        self.backend = backend
+        self._onnx: tuple[str, OnnxRuntimeNetwork] | None = None  # (weights fingerprint, exported network)
 
     def _network_input(self, slices: torch.Tensor) -> torch.Tensor:
-        return slices.contiguous(memory_format=torch.channels_last) if self.channels_last else slices.contiguous()
+        if self.channels_last and self.backend == "torch":
+            return slices.contiguous(memory_format=torch.channels_last)
+        return slices.contiguous()
 
-    def _segment_volume(self, network: nn.Module, volume: torch.Tensor) -> torch.Tensor:
+    def _onnxruntime_network(self, network: nn.Module, in_channels: int) -> OnnxRuntimeNetwork:
+        """The ONNX Runtime copy of the prepared ``network``, exported again only when its weights change."""
+        if not isinstance(network, nn.Module) or isinstance(network, torch.jit.ScriptModule) or network.training:
+            raise ValueError("BrainSliceInferer backend 'onnxruntime' needs an nn.Module in eval mode.")
+        fingerprint = state_dict_fingerprint(network)
+        if self._onnx is None or self._onnx[0] != fingerprint:
+            prepared = prepare_for_inference(network, channels_last=False) if self.fold_bn else network
+            self._onnx = (fingerprint, OnnxRuntimeNetwork(prepared, in_channels))
+        return self._onnx[1]
+
+    def _prepared_network(self, network: Any, inputs: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.backend == "onnxruntime":
+            if inputs.device.type != "cpu":
+                raise ValueError("BrainSliceInferer backend 'onnxruntime' runs on CPU; use backend 'torch' on CUDA.")
+            return self._onnxruntime_network(network, inputs.shape[1])
+        if self.fold_bn:
+            return prepare_for_inference(network, self.channels_last)
+        if self.channels_last and isinstance(network, nn.Module) and not isinstance(network, torch.jit.ScriptModule):
+            return copy.deepcopy(network).to(memory_format=torch.channels_last)
+        return network
+
+    def _segment_volume(self, network: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor) -> torch.Tensor:
         """Logits (C_out, H, W, D) of one (C_in, H, W, D) volume."""
         height, width, depth = volume.shape[1:]
         empty_logits = network(self._network_input(volume.new_zeros((1, volume.shape[0], height, width))))[0]
@@ -203,14 +296,13 @@ class BrainSliceInferer(Inferer):
         """
         if inputs.ndim != 5:
             raise ValueError(f"BrainSliceInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}.")
-        if self.fold_bn:
-            network = prepare_for_inference(network, self.channels_last)
-        elif self.channels_last and isinstance(network, nn.Module) and not isinstance(network, torch.jit.ScriptModule):
-            network = copy.deepcopy(network).to(memory_format=torch.channels_last)
+        network = self._prepared_network(network, inputs)
         volumes = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
         outputs = torch.stack([self._segment_volume(network, volume) for volume in volumes])
         return convert_to_dst_type(outputs, inputs)[0]
 
     def __repr__(self) -> str:
-        fields: Sequence[str] = ("sw_batch_size", "crop_to_brain", "margin", "divisor", "channels_last", "fold_bn")
+        fields: Sequence[str] = (
+            "sw_batch_size", "crop_to_brain", "margin", "divisor", "channels_last", "fold_bn", "backend"
+        )  # fmt: skip
         return f"{type(self).__name__}({', '.join(f'{name}={getattr(self, name)}' for name in fields)})"

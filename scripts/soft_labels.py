@@ -33,10 +33,10 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from scripts.atomic_files import atomic_path
-from scripts.checkpoints import read_checkpoint
+from scripts.checkpoints import read_checkpoint, state_dict_fingerprint
 from scripts.fast_inference import BrainSliceInferer
 
-__all__ = ["SOFT_LABEL_KEY", "TeacherSoftLabelsd", "soft_labels_from_logits", "teacher_fingerprint"]
+__all__ = ["SOFT_LABEL_KEY", "TeacherSoftLabelsd", "soft_labels_from_logits"]
 
 SOFT_LABEL_KEY = "teacher_probs"
 MODES = ("softmax", "sigmoid")
@@ -63,15 +63,6 @@ def soft_labels_from_logits(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     scaled = logits.float() / temperature
     return torch.softmax(scaled, dim=channel_dim) if mode == "softmax" else torch.sigmoid(scaled)
-
-
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """SHA-1 of the teacher's state dict (names, shapes, dtypes and values)."""
-    digest = hashlib.sha1()
-    for name, value in teacher.state_dict().items():
-        digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _brain_box(brain: torch.Tensor, margin: int) -> tuple[slice, slice, slice]:
@@ -133,7 +124,7 @@ class TeacherSoftLabelsd(MapTransform):
         self.inferer = BrainSliceInferer(sw_batch_size=sw_batch_size, crop_to_brain=False)
         self.device = next(teacher.parameters()).device
         self.amp = amp and self.device.type == "cuda"
-        self._teacher_fingerprint = teacher_fingerprint(teacher)
+        self._teacher_fingerprint = state_dict_fingerprint(teacher)
 
     def _fingerprint(self, image: torch.Tensor) -> str:
         digest = hashlib.sha1(f"{self._teacher_fingerprint}:{self.temperature}:{self.mode}".encode())

@@ -124,3 +124,36 @@ def test_argmax_label_map_equals_monai_as_discrete_including_ties():
     actual = ArgmaxLabeld(keys="pred")({"pred": pred})["pred"]
     assert actual.dtype == torch.uint8 and actual.meta["case_id"] == "c"
     assert torch.equal(actual.as_tensor().long(), expected.as_tensor().long())
+
+
+def test_onnxruntime_backend_matches_the_torch_fast_path():
+    pytest.importorskip("onnxruntime")
+    network = _student_with_trained_like_statistics()
+    volume = _volume_with_background()
+    inferer = BrainSliceInferer(sw_batch_size=4, backend="onnxruntime")
+    with torch.no_grad():
+        expected = BrainSliceInferer(sw_batch_size=4)(volume, network)
+        actual = inferer(volume, network)
+        exported = inferer._onnx
+        inferer(volume, network)
+        assert inferer._onnx is exported, "the same weights are not exported again"
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_onnxruntime_backend_exports_again_when_the_weights_change():
+    pytest.importorskip("onnxruntime")
+    network = _student_with_trained_like_statistics()
+    volume = _volume_with_background()
+    inferer = BrainSliceInferer(backend="onnxruntime")
+    with torch.no_grad():
+        before = inferer(volume, network)
+        next(network.parameters()).mul_(0.5)
+        after = inferer(volume, network)
+        expected = BrainSliceInferer()(volume, network)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_backend_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        BrainSliceInferer(backend="tensorrt")
