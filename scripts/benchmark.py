@@ -62,6 +62,7 @@ from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import find_cases
 from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint
 from scripts.compare_models import load_config
+from scripts.fast_inference import has_onnxruntime
 from scripts.flops import conv_gflops, counting_conv_flops
 from scripts.soft_labels import soft_labels_from_logits
 from scripts.synthetic_brats import write_synthetic_dataset
@@ -86,6 +87,7 @@ QUICK_TRAIN_BATCH, QUICK_TRAIN_PATCH = 2, 16
 MODELS = {
     "student": "Student (SeparableUNet 16-256, 2D)",
     "student_plain": "Student, plain SliceInferer (before the fast path)",
+    "student_onnxruntime": "Student, fast path on ONNX Runtime",
     "teacher": "Teacher (SeparableUNet 64-1024, 2D)",
     "segresnet": "SegResNet (Model Zoo brats_mri_segmentation, 3D)",
 }
@@ -211,10 +213,12 @@ def _bundle_model(
     device: torch.device,
     channels: list[int] | None,
     plain_inferer: bool = False,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """``configs/inference.json``'s network (random weights), preprocessing, inferer, post-processing and case.
 
-    ``plain_inferer`` swaps the fast ``BrainSliceInferer`` for MONAI's ``SliceInferer`` (32 slices a batch).
+    ``plain_inferer`` swaps the fast ``BrainSliceInferer`` for MONAI's ``SliceInferer`` (32 slices a batch);
+    ``backend`` sets ``inference_backend``.
     """
     parser = ConfigParser()
     parser.read_config(os.path.join(bundle_root, "configs", "inference.json"))
@@ -226,6 +230,8 @@ def _bundle_model(
         parser["network_def#channels"] = channels
     if plain_inferer:
         parser["inferer"] = PLAIN_INFERER
+    if backend is not None:
+        parser["inference_backend"] = backend
     return {
         "network": parser.get_parsed_content("network").eval(),
         "preprocessing": parser.get_parsed_content("preprocessing"),
@@ -320,6 +326,17 @@ def _benchmark_inference(
     results["gflops_volume"] = 2 * macs[0] / 1e9
     results["achieved_gflops_per_s"] = results["gflops_volume"] / results["network_s"]
     return results
+
+
+def _onnxruntime_model(
+    bundle_root: str, dataset_dir: str, output_dir: str, device: torch.device, student: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The student through the fast path's ONNX Runtime backend, same weights; none where it cannot run."""
+    if device.type != "cpu" or not has_onnxruntime:
+        return {}
+    model = _bundle_model(bundle_root, dataset_dir, output_dir, device, None, backend="onnxruntime")
+    model["network"] = student["network"]
+    return {"student_onnxruntime": model}
 
 
 def _fast_path_agreement(
@@ -549,6 +566,12 @@ def _markdown(results: dict[str, Any]) -> str:
     ratios, agreement = results["ratios"], results["fast_path_agreement"]
     lines += [
         "",
+        f"Student speed-up: {ratios['segresnet_over_student_network']:.2f}x over SegResNet and "
+        f"{ratios['teacher_over_student_network']:.2f}x over the teacher (network only); "
+        f"{ratios['segresnet_over_student_end_to_end']:.2f}x and {ratios['teacher_over_student_end_to_end']:.2f}x "
+        f"end to end. Practical peak: {matmul['gflops_per_s']:.1f} GFLOP/s (float32 {matmul['size']}x"
+        f"{matmul['size']} matmul, median {matmul['median_s'] * 1e3:.1f} ms).",
+        "",
         f"Fast path (`BrainSliceInferer`, as `configs/inference.json` deploys the student): "
         f"{ratios['student_plain_over_student_network']:.2f}x faster than the plain `SliceInferer` (network only), "
         f"{ratios['student_plain_over_student_end_to_end']:.2f}x end to end; with {agreement['weights']} weights "
@@ -556,12 +579,17 @@ def _markdown(results: dict[str, Any]) -> str:
         f"({100 * agreement['label_agreement_brain']:.3f}% of the brain voxels), largest logit difference "
         f"{agreement['max_abs_logit_difference']:.3g}.",
         "",
-        f"Student speed-up: {ratios['segresnet_over_student_network']:.2f}x over SegResNet and "
-        f"{ratios['teacher_over_student_network']:.2f}x over the teacher (network only); "
-        f"{ratios['segresnet_over_student_end_to_end']:.2f}x and {ratios['teacher_over_student_end_to_end']:.2f}x "
-        f"end to end. Practical peak: {matmul['gflops_per_s']:.1f} GFLOP/s (float32 {matmul['size']}x"
-        f"{matmul['size']} matmul, median {matmul['median_s'] * 1e3:.1f} ms).",
-        "",
+    ]
+    if "segresnet_over_student_onnxruntime_network" in ratios:
+        lines += [
+            "With the optional ONNX Runtime backend (`--inference_backend onnxruntime`): "
+            f"{ratios['segresnet_over_student_onnxruntime_network']:.2f}x faster than SegResNet and "
+            f"{ratios['teacher_over_student_onnxruntime_network']:.2f}x faster than the teacher (network only); "
+            f"{ratios['segresnet_over_student_onnxruntime_end_to_end']:.2f}x and "
+            f"{ratios['teacher_over_student_onnxruntime_end_to_end']:.2f}x end to end.",
+            "",
+        ]
+    lines += [
         f"| Training ({training['batch']} patches of {training['patch_size']}x{training['patch_size']}) "
         "| s / iteration | slices / s |",
         "| --- | ---: | ---: |",
@@ -705,6 +733,7 @@ def benchmark(
         models = {
             "student": student,
             "student_plain": plain,
+            **_onnxruntime_model(bundle_root, dataset_dir, seg_dir, torch_device, student),
             "teacher": _bundle_model(bundle_root, dataset_dir, seg_dir, torch_device, TEACHER_CHANNELS),
             "segresnet": _peer_model(dataset_dir, seg_dir, torch_device, roi),
         }
@@ -741,10 +770,16 @@ def benchmark(
                 progress,
             )
     latency = results["models"]
+    if "student_onnxruntime" in latency:  # ONNX Runtime runs no PyTorch hooks: it does the torch fast path's work
+        onnx = latency["student_onnxruntime"]
+        onnx["gflops_volume"] = latency["student"]["gflops_volume"]
+        onnx["achieved_gflops_per_s"] = onnx["gflops_volume"] / onnx["network_s"]
     for model in latency.values():
         model["fraction_of_matmul_peak"] = model["achieved_gflops_per_s"] / results["matmul"]["gflops_per_s"]
     results["ratios"] = {
-        f"{other}_over_student_{kind}": latency[other][f"{kind}_s"] / latency["student"][f"{kind}_s"]
+        f"{other}_over_{student}_{kind}": latency[other][f"{kind}_s"] / latency[student][f"{kind}_s"]
+        for student in ("student", "student_onnxruntime")
+        if student in latency
         for other in ("segresnet", "teacher", "student_plain")
         for kind in ("network", "end_to_end")
     }
