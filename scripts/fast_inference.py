@@ -13,14 +13,15 @@ tolerance, with these exact shortcuts:
   computes for them;
 - slices are batched ``sw_batch_size`` at a time;
 - optionally (``backend="onnxruntime"``, CPU only, ``pip install onnxruntime``) the prepared network is exported to
-  ONNX once per set of weights and run by ONNX Runtime, which is faster than PyTorch's CPU kernels for the
-  student's depthwise convolutions (see ``scripts.benchmark``).
+  ONNX once per set of weights and run by ONNX Runtime instead of PyTorch (``scripts.benchmark`` times both; on
+  the 2-core machine of ``docs/benchmark`` PyTorch's channels-last path is the faster one, hence the default).
 
-With ``crop_to_brain=True`` (the default of ``configs/inference.json``) each brain slice is also cropped in plane to
-the brain's bounding box plus ``margin`` voxels, aligned to the network's ``divisor`` grid; voxels outside the box
-get the all-zero slice's output. This one is not exact: the convolutions' zero padding at the box's edge replaces
-the background features the full slice would give, so logits near the box's edge move a little. Its effect on the
-label map is measured by ``scripts.benchmark`` and tested; ``crop_to_brain=False`` keeps the result exact.
+With ``crop_to_brain=True`` (the default of ``configs/inference.json``) each batch of brain slices is also cropped
+in plane to the bounding box of its brain voxels plus ``margin`` voxels, aligned to the network's ``divisor`` grid;
+voxels outside the box get the all-zero slice's output. This one is not exact: the convolutions' zero padding at
+the box's edge replaces the background features the full slice would give, so logits near the box's edge move a
+little. Its effect on the label map is measured by ``scripts.benchmark`` and tested; ``crop_to_brain=False`` keeps
+the result exact.
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ class BrainSliceInferer(Inferer):
 
     Args:
         sw_batch_size: slices per forward pass.
-        crop_to_brain: crop each volume's brain slices in plane to the brain's bounding box (see the module's
+        crop_to_brain: crop each batch of brain slices in plane to their brain's bounding box (see the module's
             docstring: not exact near the box's edge).
         margin: voxels of background kept around the brain's bounding box.
         divisor: the network's size divisor (``2 ** number of poolings``); cropped boxes are aligned to it.
@@ -270,10 +271,10 @@ class BrainSliceInferer(Inferer):
         output = empty_logits[..., None].repeat(1, 1, 1, depth)
         brain = (volume != 0).any(dim=0)
         brain_slices = torch.nonzero(brain.any(dim=(0, 1))).flatten().tolist()
-        box = brain_bounding_box(brain, self.margin, self.divisor) if self.crop_to_brain else None
-        rows, columns = box if box is not None else (slice(0, height), slice(0, width))
         for start in range(0, len(brain_slices), self.sw_batch_size):
             batch = brain_slices[start : start + self.sw_batch_size]
+            box = brain_bounding_box(brain[..., batch], self.margin, self.divisor) if self.crop_to_brain else None
+            rows, columns = box if box is not None else (slice(0, height), slice(0, width))
             slices = volume[:, rows, columns, batch].permute(3, 0, 1, 2)  # (N, C_in, h, w)
             logits = network(self._network_input(slices))
             output[:, rows, columns, batch] = logits.permute(1, 2, 3, 0).to(output.dtype)
