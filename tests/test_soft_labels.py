@@ -16,6 +16,7 @@ from scripts.compare_models import load_config
 from scripts.distillation_loss import DistillationLoss
 from scripts.separable_unet import SeparableUNet
 from scripts.soft_labels import TeacherSoftLabelsd, soft_labels_from_logits
+from scripts.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 2.0
@@ -155,3 +156,28 @@ def test_online_mode_and_the_student_alone_keep_the_teacher_out_of_the_data_pipe
     parser["teacher"] = "$None"  # the pipeline must not need the teacher in online mode
     transforms = parser.get_parsed_content("train#preprocessing").transforms
     assert not any(isinstance(t, TeacherSoftLabelsd) for t in transforms)
+
+
+def test_random_training_transforms_leave_the_cached_volumes_untouched(tmp_path):
+    """``train#dataset`` does not copy its cache each epoch (``copy_cache`` false): nothing may write into it."""
+    write_synthetic_dataset(tmp_path / "data", num_cases=4, shape=(48, 48, 16))
+    config = str(BUNDLE_ROOT / "configs" / "distill.json")
+    torch.save(load_config(config, str(BUNDLE_ROOT), str(tmp_path)).get_parsed_content("teacher_def").state_dict(),
+               tmp_path / "teacher.pt")  # fmt: skip
+    overrides = {"teacher_ckpt": str(tmp_path / "teacher.pt"), "soft_label_dir": str(tmp_path / "cache")}
+    parser = load_config(config, str(BUNDLE_ROOT), str(tmp_path / "data"), {**overrides, "patch_size": 32})
+    dataset, loader = parser.get_parsed_content("train#dataset"), parser.get_parsed_content("train#dataloader")
+    assert dataset.copy_cache is False
+
+    def snapshot() -> list[tuple[str, bytes, int]]:
+        return [
+            (key, item[key].as_tensor().clone().numpy().tobytes(), len(item[key].applied_operations))
+            for item in dataset._cache
+            for key in ("image", "label", "teacher_probs")
+        ]
+
+    before = snapshot()
+    for _ in range(3):
+        for batch in loader:
+            batch["image"].mul_(0)  # even a consumer writing into its batch
+    assert snapshot() == before
