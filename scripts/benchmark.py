@@ -5,7 +5,8 @@ All figures come from one real-sized four-sequence case (the shared BraTS sample
 240 x 240 x 155 one) on one device, with random weights (weights do not change the timing):
 
 - inference latency per volume, network only (the preprocessed tensor through the inferer) and end to end (NIfTI
-  files in, NIfTI label out), median over ``repeats`` runs after one warm-up run, and the peak memory of one more run;
+  files in, NIfTI label out), median over ``repeats`` runs after one warm-up run (the models take turns run by run,
+  so that the machine's drift hits all alike), and the peak memory of one more run;
 - parameters, GFLOPs (per 128 x 128 slice for the 2D networks, per 240 x 240 x 160 window for SegResNet) and the
   achieved GFLOP/s against the practical peak of the device (a large float32 matmul, timed in the same run);
 - training throughput (slices per second) of teacher training, student-alone training and online distillation.
@@ -285,10 +286,8 @@ def _peer_model(dataset_dir: str, output_dir: str, device: torch.device, roi_siz
     }
 
 
-def _benchmark_inference(
-    model: dict[str, Any], repeats: int, device: torch.device, amp: bool, progress: tqdm
-) -> dict[str, Any]:
-    """Network-only and end-to-end latency, peak memory and FLOPs of one model on its case."""
+def _inference_runs(model: dict[str, Any], device: torch.device, amp: bool) -> dict[str, Callable[[], None]]:
+    """The network-only and end-to-end runs of one model on its case."""
     network: nn.Module = model["network"]
     inferer: Inferer = model["inferer"]
     preprocessing, postprocessing, case = model["preprocessing"], model["postprocessing"], model["case"]
@@ -306,25 +305,44 @@ def _benchmark_inference(
         for item in decollate_batch({"image": inputs, "pred": pred}):
             postprocessing(item)
 
-    results: dict[str, Any] = {"volume_shape": list(image.shape[2:])}
-    with counting_conv_flops(network) as macs:  # the warm-up run also counts the FLOPs of the whole volume
-        network_only()
-    progress.update()
-    for name, run in (("network", network_only), ("end_to_end", end_to_end)):
-        if name == "end_to_end":
-            run()  # warm-up
+    return {"network": network_only, "end_to_end": end_to_end}
+
+
+def _benchmark_inference(
+    models: dict[str, dict[str, Any]], repeats: int, device: torch.device, amp: bool, progress: tqdm
+) -> dict[str, dict[str, Any]]:
+    """Network-only and end-to-end latency, peak memory and FLOPs of every model on its case.
+
+    After one warm-up run of each kind per model, the models take turns run by run (``repeats`` rounds), so
+    that the machine's speed drifting during the benchmark affects every model alike and the ratios stay fair.
+    """
+    runs = {key: _inference_runs(model, device, amp) for key, model in models.items()}
+    results: dict[str, dict[str, Any]] = {}
+    for key, model in models.items():
+        network = model["network"]
+        with counting_conv_flops(network) as macs:  # the warm-up run also counts the FLOPs of the whole volume
+            runs[key]["network"]()
+        runs[key]["end_to_end"]()  # warm-up
+        progress.update(2)
+        results[key] = {
+            "parameters": sum(p.numel() for p in network.parameters()),
+            "gflops_nominal": conv_gflops(network, model["nominal_input"]),
+            "nominal_unit": model["nominal_unit"],
+            "gflops_volume": 2 * macs[0] / 1e9,
+        }
+    for kind in ("network", "end_to_end"):
+        for key in models:
+            results[key][f"{kind}_runs_s"] = []
+        for _ in range(repeats):
+            for key in models:
+                results[key][f"{kind}_runs_s"] += _timed_runs(runs[key][kind], 1, device)
+                progress.update()
+        for key in models:
+            results[key][f"{kind}_s"] = statistics.median(results[key][f"{kind}_runs_s"])
+            results[key][f"{kind}_peak_mib"] = peak_memory_mib(runs[key][kind], device)
             progress.update()
-        runs = _timed_runs(run, repeats, device)
-        progress.update(repeats)
-        results[f"{name}_s"] = statistics.median(runs)
-        results[f"{name}_runs_s"] = runs
-        results[f"{name}_peak_mib"] = peak_memory_mib(run, device)
-        progress.update()
-    results["parameters"] = sum(p.numel() for p in network.parameters())
-    results["gflops_nominal"] = conv_gflops(network, model["nominal_input"])
-    results["nominal_unit"] = model["nominal_unit"]
-    results["gflops_volume"] = 2 * macs[0] / 1e9
-    results["achieved_gflops_per_s"] = results["gflops_volume"] / results["network_s"]
+    for result in results.values():
+        result["achieved_gflops_per_s"] = result["gflops_volume"] / result["network_s"]
     return results
 
 
@@ -552,7 +570,8 @@ def _markdown(results: dict[str, Any]) -> str:
         f"Measured {results['date_utc']} on {machine['device']} ({device}, {machine['cpu_count']} CPUs, "
         f"{machine['torch_threads']} torch threads{', AMP' if machine['amp'] else ''}), torch "
         f"{machine['torch_version']}, MONAI {machine['monai_version']}; case {case['source']} "
-        f"({'x'.join(str(n) for n in case['shape'])}), median of {results['repeats']} runs after one warm-up, "
+        f"({'x'.join(str(n) for n in case['shape'])}), median of {results['repeats']} runs after one warm-up, the "
+        "models taking turns run by run, "
         "random weights.",
         "",
         "| Model | Parameters | GFLOPs (unit) | GFLOPs / volume | Network only (s) | End to end (s) "
@@ -747,10 +766,8 @@ def benchmark(
             results["matmul"] = matmul_gflops_per_s(QUICK_MATMUL_SIZE if quick else MATMUL_SIZE, repeats, torch_device)
             progress.update()
             results["fast_path_agreement"] = _fast_path_agreement(student, plain, bundle_root, torch_device)
-            results["models"] = {}
-            for key, model in models.items():
-                progress.set_postfix_str(key)
-                results["models"][key] = _benchmark_inference(model, repeats, torch_device, amp, progress)
+            progress.set_postfix_str("inference")
+            results["models"] = _benchmark_inference(models, repeats, torch_device, amp, progress)
             progress.set_postfix_str("training")
             results["training"] = _benchmark_training(
                 bundle_root,
