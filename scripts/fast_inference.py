@@ -213,7 +213,7 @@ class BrainSliceInferer(Inferer):
         self,
         sw_batch_size: int = 1,
         crop_to_brain: bool = True,
-        margin: int = 16,
+        margin: int = 8,
         divisor: int = 16,
         channels_last: bool = True,
         fold_bn: bool = True,
