@@ -12,7 +12,7 @@ tolerance, with these exact shortcuts:
   the network's output on an all-zero slice is computed once and copied there, which is exactly what the plain path
   computes for them;
 - slices are batched ``sw_batch_size`` at a time;
-- optionally (``backend="onnxruntime"``, CPU only, ``pip install onnxruntime``) the prepared network is exported to
+- optionally (``backend="onnxruntime"``, CPU only, ``pip install onnxruntime onnx``) the prepared network is exported to
   ONNX once per set of weights and run by ONNX Runtime instead of PyTorch (``scripts.benchmark`` times both; on
   the 2-core machine of ``docs/benchmark`` PyTorch's channels-last path is the faster one, hence the default).
 
@@ -41,7 +41,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from scripts.checkpoints import state_dict_fingerprint
 
-ort, has_onnxruntime = optional_import("onnxruntime")
+ort, _has_ort = optional_import("onnxruntime")
+_, _has_onnx = optional_import("onnx")  # torch.onnx.export serialises the model with it
+has_onnxruntime = _has_ort and _has_onnx  # what the "onnxruntime" backend needs
+ONNX_MISSING = "BrainSliceInferer backend 'onnxruntime' needs ONNX Runtime and ONNX: pip install onnxruntime onnx"
 
 __all__ = [
     "BACKENDS",
@@ -156,12 +159,12 @@ class OnnxRuntimeNetwork:
         num_threads: ONNX Runtime's intra-op threads (default: PyTorch's ``torch.get_num_threads()``).
 
     Raises:
-        ImportError: if ``onnxruntime`` is not installed.
+        ImportError: if ``onnxruntime`` or ``onnx`` is not installed.
     """
 
     def __init__(self, network: nn.Module, in_channels: int, num_threads: int | None = None) -> None:
         if not has_onnxruntime:
-            raise ImportError("BrainSliceInferer backend 'onnxruntime' needs ONNX Runtime: pip install onnxruntime")
+            raise ImportError(ONNX_MISSING)
         buffer = io.BytesIO()
         example = torch.zeros(1, in_channels, 32, 32)
         with warnings.catch_warnings():  # the tracer warns about the network's own shape check, which stays valid
@@ -206,7 +209,7 @@ class BrainSliceInferer(Inferer):
     Raises:
         ValueError: on inputs that are not 5D, on a non-positive ``sw_batch_size``, ``margin`` < 0, ``divisor``
             < 1, an unknown ``backend``, or the ``onnxruntime`` backend asked for CUDA inputs.
-        ImportError: when the ``onnxruntime`` backend is asked for but ONNX Runtime is not installed.
+        ImportError: when the ``onnxruntime`` backend is asked for but ONNX Runtime or ONNX is not installed.
     """
 
     def __init__(
@@ -223,7 +226,7 @@ class BrainSliceInferer(Inferer):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
         if backend == "onnxruntime" and not has_onnxruntime:
-            raise ImportError("BrainSliceInferer backend 'onnxruntime' needs ONNX Runtime: pip install onnxruntime")
+            raise ImportError(ONNX_MISSING)
         if sw_batch_size < 1 or margin < 0 or divisor < 1:
             raise ValueError(
                 f"BrainSliceInferer needs sw_batch_size >= 1, margin >= 0 and divisor >= 1; got {sw_batch_size}, "

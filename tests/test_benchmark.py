@@ -64,6 +64,7 @@ def test_epochs_of_the_real_distillation_trainer_are_timed_for_each_soft_label_m
 
 def test_onnxruntime_row_does_the_same_work_as_the_torch_fast_path(quick_run):
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     models = quick_run["models"]
     assert models["student_onnxruntime"]["gflops_volume"] == models["student"]["gflops_volume"]
     assert quick_run["ratios"]["segresnet_over_student_onnxruntime_network"] == pytest.approx(

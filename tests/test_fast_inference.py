@@ -128,6 +128,7 @@ def test_argmax_label_map_equals_monai_as_discrete_including_ties():
 
 def test_onnxruntime_backend_matches_the_torch_fast_path():
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     network = _student_with_trained_like_statistics()
     volume = _volume_with_background()
     inferer = BrainSliceInferer(sw_batch_size=4, backend="onnxruntime")
@@ -142,6 +143,7 @@ def test_onnxruntime_backend_matches_the_torch_fast_path():
 
 def test_onnxruntime_backend_exports_again_when_the_weights_change():
     pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
     network = _student_with_trained_like_statistics()
     volume = _volume_with_background()
     inferer = BrainSliceInferer(backend="onnxruntime")
