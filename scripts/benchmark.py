@@ -445,7 +445,12 @@ def _benchmark_training(
         runs = _timed_runs(step, iterations, device)
         progress.update(1 + iterations)
         seconds = statistics.median(runs)
-        results[mode] = {"iteration_s": seconds, "iteration_runs_s": runs, "slices_per_s": batch / seconds}
+        results[mode] = {
+            "iteration_s": seconds,
+            "iteration_runs_s": runs,
+            "slices_per_s": batch / seconds,
+            "parameters": sum(p.numel() for p in network.parameters()),  # of the network being trained
+        }
     for mode in ("distillation", "distillation_cached"):
         results[f"{mode}_over_student_alone"] = results[mode]["iteration_s"] / results["student_alone"]["iteration_s"]
     return results
