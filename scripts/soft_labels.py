@@ -34,7 +34,7 @@ from torch import nn
 
 from scripts.atomic_files import atomic_path
 from scripts.checkpoints import read_checkpoint, state_dict_fingerprint
-from scripts.fast_inference import BrainSliceInferer
+from scripts.fast_inference import BrainSliceInferer, brain_bounding_box
 
 __all__ = ["SOFT_LABEL_KEY", "TeacherSoftLabelsd", "soft_labels_from_logits"]
 
@@ -63,17 +63,6 @@ def soft_labels_from_logits(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     scaled = logits.float() / temperature
     return torch.softmax(scaled, dim=channel_dim) if mode == "softmax" else torch.sigmoid(scaled)
-
-
-def _brain_box(brain: torch.Tensor, margin: int) -> tuple[slice, slice, slice]:
-    """3D bounding box of a non-empty (H, W, D) mask, widened by ``margin`` in plane, clipped to the volume."""
-    spans = []
-    for dim, size in enumerate(brain.shape):
-        other = tuple(d for d in range(3) if d != dim)
-        index = torch.nonzero(brain.any(dim=other)).flatten()
-        pad = margin if dim < 2 else 0
-        spans.append(slice(max(0, int(index[0]) - pad), min(size, int(index[-1]) + 1 + pad)))
-    return spans[0], spans[1], spans[2]
 
 
 class TeacherSoftLabelsd(MapTransform):
@@ -147,7 +136,12 @@ class TeacherSoftLabelsd(MapTransform):
         probs = soft_labels_from_logits(logits, self.temperature, self.mode, channel_dim=0)
         background = soft_labels_from_logits(background_logits, self.temperature, self.mode, channel_dim=0)
         brain = (volume[0] != 0).any(dim=0)
-        box = _brain_box(brain, self.margin) if bool(brain.any()) else (slice(0, 0), slice(0, 0), slice(0, 0))
+        in_plane = brain_bounding_box(brain, self.margin, divisor=1)
+        if in_plane is None:
+            box = (slice(0, 0), slice(0, 0), slice(0, 0))
+        else:
+            depth = torch.nonzero(brain.any(dim=(0, 1))).flatten()
+            box = (*in_plane, slice(int(depth[0]), int(depth[-1]) + 1))
         return {
             "box_probs": probs[:, box[0], box[1], box[2]].half().cpu(),
             "background": background.half().cpu(),

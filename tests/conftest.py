@@ -1,16 +1,18 @@
 # Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
-"""Shared fixtures: tiny but real BraTS datasets on disk, in each release layout."""
+"""Shared fixtures: tiny but real BraTS datasets on disk, in each release layout, and trained-like networks."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
 SEQUENCES = ("flair", "t1", "t1ce", "t2")  # canonical order; also the channel order of MSD 4D images
 FILE_SUFFIXES = {
@@ -134,3 +136,25 @@ def make_brats_folder() -> Callable[..., Path]:
     See :func:`write_brats_folder` for the case ids, file names and voxel values written.
     """
     return write_brats_folder
+
+
+@pytest.fixture
+def trained_like_network() -> Callable[..., nn.Module]:
+    """Factory of ``SeparableUNet``s in eval mode whose BatchNorm layers hold non-trivial statistics and affine
+    parameters, as after training (freshly initialised BatchNorm is the identity, which hides folding mistakes).
+    """
+
+    from scripts.separable_unet import SeparableUNet  # importable once BUNDLE_ROOT is on sys.path (above)
+
+    def make(channels: Sequence[int] = (16, 32, 64, 128, 256), seed: int = 0, dropout: float = 0.3) -> nn.Module:
+        torch.manual_seed(seed)
+        network = SeparableUNet(3, 4, list(channels), dropout=dropout)
+        for module in network.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-1.0, 1.0)
+                module.running_var.uniform_(0.5, 2.0)
+                nn.init.uniform_(module.weight, 0.5, 1.5)
+                nn.init.uniform_(module.bias, -0.5, 0.5)
+        return network.eval()
+
+    return make

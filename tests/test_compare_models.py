@@ -104,45 +104,35 @@ def test_reported_parameter_counts_are_the_networks_counts(comparison):
     assert comparison["results"]["models"]["student_kd"]["parameters"] == 605_679
 
 
+def _compare_with_checkpoints(comparison: dict, tmp_path, **checkpoints: str) -> None:
+    """``compare_models`` on the fixture's data and checkpoints, with some checkpoints replaced."""
+    paths = {**comparison["checkpoints"], **checkpoints}
+    compare_models(
+        str(comparison["dataset_dir"]),
+        str(tmp_path / "results"),
+        bundle_root=BUNDLE_ROOT,
+        teacher_ckpt=paths["teacher"],
+        baseline_ckpt=paths["student_alone"],
+        student_ckpt=paths["student_kd"],
+        overrides=SMALL_TEACHER,
+    )
+
+
 def test_checkpoint_of_another_architecture_is_rejected_naming_model_and_file(comparison, tmp_path):
     with pytest.raises(TeacherCheckpointError, match="Student distilled \\(KD\\) checkpoint .*teacher.pt"):
-        compare_models(
-            str(comparison["dataset_dir"]),
-            str(tmp_path / "results"),
-            bundle_root=BUNDLE_ROOT,
-            teacher_ckpt=comparison["checkpoints"]["teacher"],
-            baseline_ckpt=comparison["checkpoints"]["student_alone"],
-            student_ckpt=comparison["checkpoints"]["teacher"],
-            overrides=SMALL_TEACHER,
-        )
+        _compare_with_checkpoints(comparison, tmp_path, student_kd=comparison["checkpoints"]["teacher"])
 
 
 def test_missing_checkpoint_is_reported_with_its_model_and_path(comparison, tmp_path):
     missing = str(tmp_path / "nowhere" / "student_alone.pt")
     with pytest.raises(FileNotFoundError, match="Student alone checkpoint .*nowhere/student_alone.pt"):
-        compare_models(
-            str(comparison["dataset_dir"]),
-            str(tmp_path / "results"),
-            bundle_root=BUNDLE_ROOT,
-            teacher_ckpt=comparison["checkpoints"]["teacher"],
-            baseline_ckpt=missing,
-            student_ckpt=comparison["checkpoints"]["student_kd"],
-            overrides=SMALL_TEACHER,
-        )
+        _compare_with_checkpoints(comparison, tmp_path, student_alone=missing)
     assert not (tmp_path / "results").exists()
 
 
 def test_missing_teacher_checkpoint_says_which_configs_train_it(comparison, tmp_path):
     with pytest.raises(FileNotFoundError, match="configs/train.json with configs/teacher.json merged on it"):
-        compare_models(
-            str(comparison["dataset_dir"]),
-            str(tmp_path / "results"),
-            bundle_root=BUNDLE_ROOT,
-            teacher_ckpt=str(tmp_path / "teacher.pt"),
-            baseline_ckpt=comparison["checkpoints"]["student_alone"],
-            student_ckpt=comparison["checkpoints"]["student_kd"],
-            overrides=SMALL_TEACHER,
-        )
+        _compare_with_checkpoints(comparison, tmp_path, teacher=str(tmp_path / "teacher.pt"))
 
 
 def test_config_list_is_merged_in_order_like_the_bundle_runner():

@@ -15,19 +15,6 @@ from scripts.fast_inference import BrainSliceInferer, brain_bounding_box, fold_b
 from scripts.separable_unet import SeparableUNet
 
 
-def _student_with_trained_like_statistics(seed: int = 0) -> SeparableUNet:
-    """A student whose BatchNorm layers hold non-trivial statistics and affine parameters, in eval mode."""
-    torch.manual_seed(seed)
-    network = SeparableUNet(3, 4, [16, 32, 64, 128, 256], dropout=0.3)
-    for module in network.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1.0, 1.0)
-            module.running_var.uniform_(0.5, 2.0)
-            nn.init.uniform_(module.weight, 0.5, 1.5)
-            nn.init.uniform_(module.bias, -0.5, 0.5)
-    return network.eval()
-
-
 def _volume_with_background() -> torch.Tensor:
     """(1, 3, 64, 64, 12) z-scored-like volume: a brain ellipsoid in slices 3..8, 0 elsewhere."""
     generator = torch.Generator().manual_seed(1)
@@ -37,8 +24,8 @@ def _volume_with_background() -> torch.Tensor:
     return image * brain
 
 
-def test_fold_batchnorm_keeps_the_network_function():
-    network = _student_with_trained_like_statistics()
+def test_fold_batchnorm_keeps_the_network_function(trained_like_network):
+    network = trained_like_network()
     batch = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = network(batch)
@@ -49,8 +36,8 @@ def test_fold_batchnorm_keeps_the_network_function():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_fold_batchnorm_counts_every_batchnorm_of_the_student():
-    network = _student_with_trained_like_statistics()
+def test_fold_batchnorm_counts_every_batchnorm_of_the_student(trained_like_network):
+    network = trained_like_network()
     batchnorms = sum(isinstance(module, nn.BatchNorm2d) for module in network.modules())
     assert fold_batchnorm(network) == batchnorms == 18
 
@@ -60,8 +47,8 @@ def test_fold_batchnorm_refuses_a_network_in_training_mode():
         fold_batchnorm(SeparableUNet(3, 2).train())
 
 
-def test_uncropped_fast_path_matches_slice_inferer():
-    network = _student_with_trained_like_statistics()
+def test_uncropped_fast_path_matches_slice_inferer(trained_like_network):
+    network = trained_like_network()
     volume = MetaTensor(_volume_with_background(), meta={"case_id": "case-1"})
     with torch.no_grad():
         expected = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=5)(volume.as_tensor(), network)
@@ -70,8 +57,8 @@ def test_uncropped_fast_path_matches_slice_inferer():
     torch.testing.assert_close(actual.as_tensor(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_cropped_fast_path_is_exact_on_empty_slices_and_keeps_the_brain_labels():
-    network = _student_with_trained_like_statistics()
+def test_cropped_fast_path_is_exact_on_empty_slices_and_keeps_the_brain_labels(trained_like_network):
+    network = trained_like_network()
     volume = _volume_with_background()
     with torch.no_grad():
         expected = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=12)(volume, network)
@@ -83,8 +70,8 @@ def test_cropped_fast_path_is_exact_on_empty_slices_and_keeps_the_brain_labels()
     assert agreement >= 0.99
 
 
-def test_fast_path_on_an_all_background_volume_is_the_empty_slice_output():
-    network = _student_with_trained_like_statistics()
+def test_fast_path_on_an_all_background_volume_is_the_empty_slice_output(trained_like_network):
+    network = trained_like_network()
     volume = torch.zeros(1, 3, 32, 32, 4)
     with torch.no_grad():
         expected = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=4)(volume, network)
@@ -126,10 +113,10 @@ def test_argmax_label_map_equals_monai_as_discrete_including_ties():
     assert torch.equal(actual.as_tensor().long(), expected.as_tensor().long())
 
 
-def test_onnxruntime_backend_matches_the_torch_fast_path():
+def test_onnxruntime_backend_matches_the_torch_fast_path(trained_like_network):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    network = _student_with_trained_like_statistics()
+    network = trained_like_network()
     volume = _volume_with_background()
     inferer = BrainSliceInferer(sw_batch_size=4, backend="onnxruntime")
     with torch.no_grad():
@@ -141,10 +128,10 @@ def test_onnxruntime_backend_matches_the_torch_fast_path():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_onnxruntime_backend_exports_again_when_the_weights_change():
+def test_onnxruntime_backend_exports_again_when_the_weights_change(trained_like_network):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    network = _student_with_trained_like_statistics()
+    network = trained_like_network()
     volume = _volume_with_background()
     inferer = BrainSliceInferer(backend="onnxruntime")
     with torch.no_grad():

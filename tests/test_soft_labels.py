@@ -14,23 +14,12 @@ from torch import nn
 
 from scripts.compare_models import load_config
 from scripts.distillation_loss import DistillationLoss
-from scripts.separable_unet import SeparableUNet
 from scripts.soft_labels import TeacherSoftLabelsd, soft_labels_from_logits
 from scripts.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 2.0
-
-
-def _teacher(seed: int = 0) -> SeparableUNet:
-    """A small frozen 2D network with non-trivial BatchNorm statistics standing in for the teacher."""
-    torch.manual_seed(seed)
-    network = SeparableUNet(3, 4, [8, 16, 32, 64, 128], dropout=0.5)
-    for module in network.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-1.0, 1.0)
-            module.running_var.uniform_(0.5, 2.0)
-    return network.eval()
+TEACHER_CHANNELS = (8, 16, 32, 64, 128)  # a small stand-in for the teacher
 
 
 def _case(case_id: str = "BraTS20_Training_001") -> dict[str, MetaTensor]:
@@ -48,8 +37,8 @@ def _online_probs(teacher: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return soft_labels_from_logits(logits, TEMPERATURE).permute(1, 2, 3, 0)
 
 
-def test_cached_soft_labels_agree_with_the_online_teacher_on_unaugmented_input(tmp_path):
-    teacher, case = _teacher(), _case()
+def test_cached_soft_labels_agree_with_the_online_teacher_on_unaugmented_input(tmp_path, trained_like_network):
+    teacher, case = trained_like_network(TEACHER_CHANNELS, dropout=0.5), _case()
     cached = TeacherSoftLabelsd("image", teacher, str(tmp_path), TEMPERATURE, margin=4)(case)["teacher_probs"]
     expected = _online_probs(teacher, case["image"].as_tensor())
     assert cached.shape == expected.shape and cached.dtype == torch.float16
@@ -59,8 +48,8 @@ def test_cached_soft_labels_agree_with_the_online_teacher_on_unaugmented_input(t
     torch.testing.assert_close(cached[..., empty].float(), expected[..., empty], atol=2e-3, rtol=0)
 
 
-def test_kd_term_from_cached_soft_labels_matches_the_online_teacher_logits(tmp_path):
-    teacher, case = _teacher(), _case()
+def test_kd_term_from_cached_soft_labels_matches_the_online_teacher_logits(tmp_path, trained_like_network):
+    teacher, case = trained_like_network(TEACHER_CHANNELS, dropout=0.5), _case()
     cached = TeacherSoftLabelsd("image", teacher, str(tmp_path), TEMPERATURE, margin=64)(case)["teacher_probs"]
     slices = case["image"].as_tensor().permute(3, 0, 1, 2)
     with torch.no_grad():
@@ -72,7 +61,7 @@ def test_kd_term_from_cached_soft_labels_matches_the_online_teacher_logits(tmp_p
     torch.testing.assert_close(from_cache, online, atol=2e-3, rtol=2e-3)
 
 
-def test_teacher_runs_once_per_case_and_again_when_its_weights_change(tmp_path, monkeypatch):
+def test_teacher_runs_once_per_case_and_again_when_its_weights_change(tmp_path, monkeypatch, trained_like_network):
     calls = []
     original = TeacherSoftLabelsd._compute
 
@@ -81,19 +70,24 @@ def test_teacher_runs_once_per_case_and_again_when_its_weights_change(tmp_path, 
         return original(self, image, fingerprint)
 
     monkeypatch.setattr(TeacherSoftLabelsd, "_compute", counting_compute)
-    first = TeacherSoftLabelsd("image", _teacher(0), str(tmp_path), TEMPERATURE)(_case())["teacher_probs"]
-    again = TeacherSoftLabelsd("image", _teacher(0), str(tmp_path), TEMPERATURE)(_case())["teacher_probs"]
+
+    def soft_labels(seed: int, temperature: float = TEMPERATURE) -> torch.Tensor:
+        teacher = trained_like_network(TEACHER_CHANNELS, seed=seed, dropout=0.5)
+        return TeacherSoftLabelsd("image", teacher, str(tmp_path), temperature)(_case())["teacher_probs"]
+
+    first, again = soft_labels(seed=0), soft_labels(seed=0)
     assert len(calls) == 1 and torch.equal(first, again)
     assert [p.name for p in tmp_path.iterdir()] == ["BraTS20_Training_001.pt"]
-    other = TeacherSoftLabelsd("image", _teacher(1), str(tmp_path), TEMPERATURE)(_case())["teacher_probs"]
-    assert len(calls) == 2 and not torch.equal(first, other)
-    TeacherSoftLabelsd("image", _teacher(1), str(tmp_path), TEMPERATURE * 2)(_case())
+    assert not torch.equal(first, soft_labels(seed=1)) and len(calls) == 2
+    soft_labels(seed=1, temperature=TEMPERATURE * 2)
     assert len(calls) == 3, "another temperature is another target"
 
 
-def test_volume_sides_not_divisible_by_the_network_grid_are_padded_for_the_teacher_only(tmp_path):
+def test_volume_sides_not_divisible_by_the_network_grid_are_padded_for_the_teacher_only(tmp_path, trained_like_network):
     case = {"image": MetaTensor(torch.randn(3, 40, 36, 3), meta={"case_id": "odd"})}
-    probs = TeacherSoftLabelsd("image", _teacher(), str(tmp_path), TEMPERATURE)(case)["teacher_probs"]
+    probs = TeacherSoftLabelsd(
+        "image", trained_like_network(TEACHER_CHANNELS, dropout=0.5), str(tmp_path), TEMPERATURE
+    )(case)["teacher_probs"]
     assert probs.shape == (4, 40, 36, 3)
     torch.testing.assert_close(probs.float().sum(dim=0), torch.ones(40, 36, 3), atol=5e-3, rtol=0)
 
