@@ -140,13 +140,17 @@ def brain_bounding_box(brain: torch.Tensor, margin: int, divisor: int) -> tuple[
     Returns:
         ``(rows, columns)`` slices of the box, or None when the mask is empty.
     """
-    rows, columns = brain.any(dim=(1, 2)), brain.any(dim=(0, 2))
+    return _occupied_box(brain.any(dim=(1, 2)), brain.any(dim=(0, 2)), margin, divisor)
+
+
+def _occupied_box(rows: torch.Tensor, columns: torch.Tensor, margin: int, divisor: int) -> tuple[slice, slice] | None:
+    """``brain_bounding_box`` of a mask given as its occupied rows (H,) and columns (W,)."""
     if not bool(rows.any()):
         return None
     row_index, column_index = torch.nonzero(rows).flatten(), torch.nonzero(columns).flatten()
     return (
-        _grid_span(int(row_index[0]), int(row_index[-1]), brain.shape[0], margin, divisor),
-        _grid_span(int(column_index[0]), int(column_index[-1]), brain.shape[1], margin, divisor),
+        _grid_span(int(row_index[0]), int(row_index[-1]), rows.shape[0], margin, divisor),
+        _grid_span(int(column_index[0]), int(column_index[-1]), columns.shape[0], margin, divisor),
     )
 
 
@@ -267,19 +271,34 @@ class BrainSliceInferer(Inferer):
             return copy.deepcopy(network).to(memory_format=torch.channels_last)
         return network
 
+    def _slice_batches(self, has_brain: torch.Tensor) -> list[slice]:
+        """Consecutive brain slices, ``sw_batch_size`` at most per batch, a batch never spanning a slice without brain.
+
+        Ranges rather than lists of indices make each batch a view of the volume and of the output: no indexing
+        copies.
+        """
+        batches: list[slice] = []
+        padded = torch.nn.functional.pad(has_brain.to(torch.int8), (1, 1))
+        edges = torch.nonzero(padded[1:] != padded[:-1]).flatten().tolist()  # run starts and stops, alternating
+        for run_start, run_stop in zip(edges[::2], edges[1::2]):
+            for start in range(run_start, run_stop, self.sw_batch_size):
+                batches.append(slice(start, min(start + self.sw_batch_size, run_stop)))
+        return batches
+
     def _segment_volume(self, network: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor) -> torch.Tensor:
         """Logits (C_out, H, W, D) of one (C_in, H, W, D) volume."""
         height, width, depth = volume.shape[1:]
         empty_logits = network(self._network_input(volume.new_zeros((1, volume.shape[0], height, width))))[0]
         output = empty_logits[..., None].repeat(1, 1, 1, depth)
         brain = (volume != 0).any(dim=0)
-        brain_slices = torch.nonzero(brain.any(dim=(0, 1))).flatten().tolist()
-        for start in range(0, len(brain_slices), self.sw_batch_size):
-            batch = brain_slices[start : start + self.sw_batch_size]
-            box = brain_bounding_box(brain[..., batch], self.margin, self.divisor) if self.crop_to_brain else None
-            rows, columns = box if box is not None else (slice(0, height), slice(0, width))
-            slices = volume[:, rows, columns, batch].permute(3, 0, 1, 2)  # (N, C_in, h, w)
-            logits = network(self._network_input(slices))
+        rows_by_slice, columns_by_slice = brain.any(dim=1), brain.any(dim=0)  # (H, D) and (W, D)
+        slices = volume.permute(3, 0, 1, 2)  # (D, C_in, H, W), a view
+        for batch in self._slice_batches(rows_by_slice.any(dim=0)):
+            rows, columns = slice(0, height), slice(0, width)
+            if self.crop_to_brain:  # every batch holds brain, so it has a box
+                occupied = rows_by_slice[:, batch].any(dim=1), columns_by_slice[:, batch].any(dim=1)
+                rows, columns = _occupied_box(*occupied, self.margin, self.divisor)
+            logits = network(self._network_input(slices[batch, :, rows, columns]))
             output[:, rows, columns, batch] = logits.permute(1, 2, 3, 0).to(output.dtype)
         return output
 
