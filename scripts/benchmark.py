@@ -6,12 +6,13 @@ All figures come from one real-sized four-sequence case (the shared BraTS sample
 
 - inference latency per volume, network only (the preprocessed tensor through the inferer) and end to end (NIfTI
   files in, NIfTI label out), median over ``repeats`` runs after one warm-up run (the models take turns run by run,
-  so that the machine's drift hits all alike), and the peak memory of one more run;
+  so that the machine's drift hits all alike; speed ratios are the medians of the ratios within each round), and
+  the peak memory of one more run; the teacher runs at its fastest slice batch size, the student at the deployed one;
 - parameters, GFLOPs (per 128 x 128 slice for the 2D networks, per 240 x 240 x 160 window for SegResNet) and the
-  achieved GFLOP/s against the practical peak of the device (a large float32 matmul, timed in the same run);
+  achieved GFLOP/s against the practical peak of the device (a large float32 matmul, timed in every round);
 - training throughput (slices per second) of teacher training, student-alone training and online distillation.
 
-The 2D networks run exactly as ``configs/inference.json`` deploys them (its preprocessing, ``SliceInferer`` and
+The 2D networks run exactly as ``configs/inference.json`` deploys them (its preprocessing, ``BrainSliceInferer`` and
 post-processing with the atomic writer); the peer is the Model Zoo ``brats_mri_segmentation`` bundle's network
 and ``SlidingWindowInferer``. Results go to ``output_dir``: ``benchmark.json``, ``benchmark.md`` (printed at the
 end) and ``benchmark.png``. Example::
@@ -71,7 +72,7 @@ from scripts.synthetic_brats import write_synthetic_dataset
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
-__all__ = ["MODELS", "benchmark", "main", "matmul_gflops_per_s", "peak_memory_mib"]
+__all__ = ["MODELS", "benchmark", "main", "matmul_gflops_per_s", "paired_ratio", "peak_memory_mib"]
 
 DEFAULT_CASE_DIR = os.path.join("..", "shared", "data", "brats_sample", "TCGA-DU-7294")
 SYNTHETIC_SHAPE = (240, 240, 155)
@@ -82,6 +83,8 @@ PEER_ROI = (240, 240, 160)  # the Model Zoo brats_mri_segmentation bundle's slid
 PEER_DIVISOR = 8  # SegResNet with 4 down levels needs every side of its input divisible by 2 ** 3
 PEER_SEQUENCES = ("flair", "t1", "t1ce", "t2")
 MATMUL_SIZE, QUICK_MATMUL_SIZE = 2048, 256
+MATMUL_REPEATS = 3  # products per matmul measurement (median), one measurement per inference round
+TEACHER_BATCH_SIZES = (1, 2, 4, 8)  # slice batch sizes tried for the teacher
 TRAIN_BATCH, TRAIN_PATCH = 16, 128
 QUICK_TRAIN_BATCH, QUICK_TRAIN_PATCH = 2, 16
 # model key -> name in the reports
@@ -308,13 +311,42 @@ def _inference_runs(model: dict[str, Any], device: torch.device, amp: bool) -> d
     return {"network": network_only, "end_to_end": end_to_end}
 
 
+def _fastest_batch_size(
+    model: dict[str, Any], candidates: Sequence[int], device: torch.device, amp: bool
+) -> dict[str, Any]:
+    """Set the model's ``BrainSliceInferer`` to its fastest slice batch size among ``candidates``.
+
+    One timed network-only run each, after one warm-up run; used for the teacher, so that the student is compared
+    with the teacher at its best rather than at the student's setting.
+
+    Returns:
+        ``sw_batch_size`` (the one set) and ``sweep_s``, the time of each candidate.
+    """
+    run = _inference_runs(model, device, amp)["network"]
+    inferer = model["inferer"]
+    run()  # warm-up
+    times = {}
+    for batch_size in candidates:
+        inferer.sw_batch_size = batch_size
+        times[batch_size] = _timed_runs(run, 1, device)[0]
+    inferer.sw_batch_size = min(times, key=times.get)
+    return {"sw_batch_size": inferer.sw_batch_size, "sweep_s": {str(size): t for size, t in times.items()}}
+
+
 def _benchmark_inference(
-    models: dict[str, dict[str, Any]], repeats: int, device: torch.device, amp: bool, progress: tqdm
-) -> dict[str, dict[str, Any]]:
-    """Network-only and end-to-end latency, peak memory and FLOPs of every model on its case.
+    models: dict[str, dict[str, Any]],
+    repeats: int,
+    device: torch.device,
+    amp: bool,
+    progress: tqdm,
+    matmul_size: int,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Network-only and end-to-end latency, peak memory and FLOPs of every model on its case, and the matmul peak.
 
     After one warm-up run of each kind per model, the models take turns run by run (``repeats`` rounds), so
-    that the machine's speed drifting during the benchmark affects every model alike and the ratios stay fair.
+    that the machine's speed drifting during the benchmark affects every model alike and the ratios stay fair. In
+    each network-only round the matmul peak is measured too, so that the achieved fraction of it compares like with
+    like on a machine whose speed varies.
     """
     runs = {key: _inference_runs(model, device, amp) for key, model in models.items()}
     results: dict[str, dict[str, Any]] = {}
@@ -330,6 +362,7 @@ def _benchmark_inference(
             "nominal_unit": model["nominal_unit"],
             "gflops_volume": 2 * macs[0] / 1e9,
         }
+    matmul_runs = []
     for kind in ("network", "end_to_end"):
         for key in models:
             results[key][f"{kind}_runs_s"] = []
@@ -337,13 +370,29 @@ def _benchmark_inference(
             for key in models:
                 results[key][f"{kind}_runs_s"] += _timed_runs(runs[key][kind], 1, device)
                 progress.update()
+            if kind == "network":
+                matmul_runs.append(matmul_gflops_per_s(matmul_size, MATMUL_REPEATS, device)["gflops_per_s"])
         for key in models:
             results[key][f"{kind}_s"] = statistics.median(results[key][f"{kind}_runs_s"])
             results[key][f"{kind}_peak_mib"] = peak_memory_mib(runs[key][kind], device)
             progress.update()
+    matmul = {"size": matmul_size, "runs_gflops_per_s": matmul_runs, "gflops_per_s": statistics.median(matmul_runs)}
     for result in results.values():
         result["achieved_gflops_per_s"] = result["gflops_volume"] / result["network_s"]
-    return results
+    return results, matmul
+
+
+def paired_ratio(slower_runs_s: Sequence[float], faster_runs_s: Sequence[float]) -> float:
+    """Median over rounds of ``slower / faster``, the two runs of a round having run back to back.
+
+    Args:
+        slower_runs_s: one model's times, round by round.
+        faster_runs_s: the other model's times, same rounds.
+
+    Returns:
+        the median of the per-round ratios.
+    """
+    return statistics.median(slower / faster for slower, faster in zip(slower_runs_s, faster_runs_s, strict=True))
 
 
 def _onnxruntime_model(
@@ -590,14 +639,21 @@ def _markdown(results: dict[str, Any]) -> str:
             f"| {_mib(model['network_peak_mib'])} | {_mib(model['end_to_end_peak_mib'])} "
             f"| {model['achieved_gflops_per_s']:.1f} | {100 * model['fraction_of_matmul_peak']:.1f} |"
         )
-    ratios, agreement = results["ratios"], results["fast_path_agreement"]
+    ratios, agreement, teacher_batch = results["ratios"], results["fast_path_agreement"], results["teacher_batch_size"]
     lines += [
         "",
         f"Student speed-up: {ratios['segresnet_over_student_network']:.2f}x over SegResNet and "
         f"{ratios['teacher_over_student_network']:.2f}x over the teacher (network only); "
         f"{ratios['segresnet_over_student_end_to_end']:.2f}x and {ratios['teacher_over_student_end_to_end']:.2f}x "
-        f"end to end. Practical peak: {matmul['gflops_per_s']:.1f} GFLOP/s (float32 {matmul['size']}x"
-        f"{matmul['size']} matmul, median {matmul['median_s'] * 1e3:.1f} ms).",
+        f"end to end (medians of the ratios within each round, the models having run back to back). Practical peak: "
+        f"{matmul['gflops_per_s']:.1f} GFLOP/s (float32 {matmul['size']}x{matmul['size']} matmul, median of one "
+        f"measurement per network-only round; range {min(matmul['runs_gflops_per_s']):.1f} to "
+        f"{max(matmul['runs_gflops_per_s']):.1f}).",
+        "",
+        f"Slices per forward pass: the student {results['student_batch_size']} (`infer_batch_size`, as deployed); "
+        f"the teacher {teacher_batch['sw_batch_size']}, its fastest of "
+        + ", ".join(f"{size} ({seconds:.2f} s)" for size, seconds in teacher_batch["sweep_s"].items())
+        + " in one network-only run each.",
         "",
         f"Fast path (`BrainSliceInferer`, as `configs/inference.json` deploys the student): "
         f"{ratios['student_plain_over_student_network']:.2f}x faster than the plain `SliceInferer` (network only), "
@@ -768,11 +824,17 @@ def benchmark(
         epochs = 2 if quick else 3 * repeats + 1
         steps = len(models) * (2 * repeats + 4) + len(TRAINING_MODES) * (1 + iterations) + epochs + 1
         with tqdm(total=steps, desc="benchmark") as progress:
-            results["matmul"] = matmul_gflops_per_s(QUICK_MATMUL_SIZE if quick else MATMUL_SIZE, repeats, torch_device)
-            progress.update()
             results["fast_path_agreement"] = _fast_path_agreement(student, plain, bundle_root, torch_device)
+            results["student_batch_size"] = student["inferer"].sw_batch_size
+            progress.set_postfix_str("teacher batch size")
+            results["teacher_batch_size"] = _fastest_batch_size(
+                models["teacher"], TEACHER_BATCH_SIZES, torch_device, amp
+            )
+            progress.update()
             progress.set_postfix_str("inference")
-            results["models"] = _benchmark_inference(models, repeats, torch_device, amp, progress)
+            results["models"], results["matmul"] = _benchmark_inference(
+                models, repeats, torch_device, amp, progress, QUICK_MATMUL_SIZE if quick else MATMUL_SIZE
+            )
             progress.set_postfix_str("training")
             results["training"] = _benchmark_training(
                 bundle_root,
@@ -802,7 +864,9 @@ def benchmark(
     for model in latency.values():
         model["fraction_of_matmul_peak"] = model["achieved_gflops_per_s"] / results["matmul"]["gflops_per_s"]
     results["ratios"] = {
-        f"{other}_over_{student}_{kind}": latency[other][f"{kind}_s"] / latency[student][f"{kind}_s"]
+        f"{other}_over_{student}_{kind}": paired_ratio(
+            latency[other][f"{kind}_runs_s"], latency[student][f"{kind}_runs_s"]
+        )
         for student in ("student", "student_onnxruntime")
         if student in latency
         for other in ("segresnet", "teacher", "student_plain")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -83,15 +84,31 @@ def test_parameter_counts_are_those_of_the_student_teacher_and_model_zoo_segresn
     assert models["segresnet"]["parameters"] == sum(p.numel() for p in segresnet.parameters())
 
 
-def test_ratios_are_peer_and_teacher_latency_over_student_latency(quick_run):
+def test_ratios_are_peer_and_teacher_latency_over_student_latency_round_by_round(quick_run):
     models, ratios = quick_run["models"], quick_run["ratios"]
     for other in ("segresnet", "teacher"):
         for kind in ("network", "end_to_end"):
-            expected = models[other][f"{kind}_s"] / models["student"][f"{kind}_s"]
+            expected = benchmark.paired_ratio(models[other][f"{kind}_runs_s"], models["student"][f"{kind}_runs_s"])
             assert ratios[f"{other}_over_student_{kind}"] == pytest.approx(expected)
     training = quick_run["training"]
     expected = training["distillation"]["iteration_s"] / training["student_alone"]["iteration_s"]
     assert training["distillation_over_student_alone"] == pytest.approx(expected)
+
+
+def test_paired_ratio_is_the_median_of_the_ratios_within_each_round():
+    assert benchmark.paired_ratio([2.0, 10.0, 3.0], [1.0, 2.0, 1.0]) == 3.0  # rounds: 2, 5, 3
+    with pytest.raises(ValueError):
+        benchmark.paired_ratio([1.0, 2.0], [1.0])
+
+
+def test_teacher_runs_at_its_fastest_batch_size_and_the_peak_is_measured_every_round(quick_run):
+    sweep = quick_run["teacher_batch_size"]
+    assert set(sweep["sweep_s"]) == {str(size) for size in benchmark.TEACHER_BATCH_SIZES}
+    assert sweep["sweep_s"][str(sweep["sw_batch_size"])] == min(sweep["sweep_s"].values())
+    assert quick_run["student_batch_size"] == 4  # configs/inference.json's infer_batch_size on CPU
+    matmul = quick_run["matmul"]
+    assert len(matmul["runs_gflops_per_s"]) == quick_run["repeats"]
+    assert matmul["gflops_per_s"] == statistics.median(matmul["runs_gflops_per_s"])
 
 
 def test_2d_gflops_per_slice_agree_with_the_comparison_reports_counter(quick_run):
