@@ -11,7 +11,7 @@ tolerance, with these exact shortcuts:
 - slices without brain (every input channel 0, as z-scoring with ``nonzero=True`` leaves background) are not run:
   the network's output on an all-zero slice is computed once and copied there, which is exactly what the plain path
   computes for them;
-- slices are batched ``sw_batch_size`` at a time;
+- consecutive brain slices are batched ``sw_batch_size`` at a time, each batch a view of the volume (no copy by index);
 - optionally (``backend="onnxruntime"``, CPU only, ``pip install onnxruntime onnx``) the prepared network is exported to
   ONNX once per set of weights and run by ONNX Runtime instead of PyTorch (``scripts.benchmark`` times both; on
   the 2-core machine of ``docs/benchmark`` PyTorch's channels-last path is the faster one, hence the default).

@@ -57,6 +57,23 @@ def test_uncropped_fast_path_matches_slice_inferer(trained_like_network):
     torch.testing.assert_close(actual.as_tensor(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_batches_are_runs_of_consecutive_brain_slices_never_spanning_a_gap():
+    has_brain = torch.tensor([0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    batches = BrainSliceInferer(sw_batch_size=4)._slice_batches(has_brain)
+    assert batches == [slice(1, 3), slice(5, 9), slice(9, 10)]
+    assert BrainSliceInferer()._slice_batches(torch.zeros(5, dtype=torch.bool)) == []
+
+
+def test_fast_path_matches_slice_inferer_with_empty_slices_between_brain_slices(trained_like_network):
+    network = trained_like_network()
+    volume = _volume_with_background()
+    volume[..., 5] = 0  # two runs of brain slices, 3..4 and 6..8
+    with torch.no_grad():
+        expected = SliceInferer(roi_size=(-1, -1), spatial_dim=2, sw_batch_size=12)(volume, network)
+        actual = BrainSliceInferer(sw_batch_size=4, crop_to_brain=False)(volume, network)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_cropped_fast_path_is_exact_on_empty_slices_and_keeps_the_brain_labels(trained_like_network):
     network = trained_like_network()
     volume = _volume_with_background()
