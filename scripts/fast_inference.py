@@ -285,22 +285,20 @@ class BrainSliceInferer(Inferer):
                 batches.append(slice(start, min(start + self.sw_batch_size, run_stop)))
         return batches
 
-    def _segment_volume(self, network: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor) -> torch.Tensor:
-        """Logits (C_out, H, W, D) of one (C_in, H, W, D) volume."""
-        height, width, depth = volume.shape[1:]
-        empty_logits = network(self._network_input(volume.new_zeros((1, volume.shape[0], height, width))))[0]
-        output = empty_logits[..., None].repeat(1, 1, 1, depth)
+    def _segment_brain(
+        self, network: Callable[[torch.Tensor], torch.Tensor], volume: torch.Tensor, output: torch.Tensor
+    ) -> None:
+        """Write the logits of the brain slices of one (C_in, H, W, D) volume into ``output`` (C_out, H, W, D)."""
         brain = (volume != 0).any(dim=0)
         rows_by_slice, columns_by_slice = brain.any(dim=1), brain.any(dim=0)  # (H, D) and (W, D)
         slices = volume.permute(3, 0, 1, 2)  # (D, C_in, H, W), a view
         for batch in self._slice_batches(rows_by_slice.any(dim=0)):
-            rows, columns = slice(0, height), slice(0, width)
+            rows, columns = slice(0, volume.shape[1]), slice(0, volume.shape[2])
             if self.crop_to_brain:  # every batch holds brain, so it has a box
                 occupied = rows_by_slice[:, batch].any(dim=1), columns_by_slice[:, batch].any(dim=1)
                 rows, columns = _occupied_box(*occupied, self.margin, self.divisor)
             logits = network(self._network_input(slices[batch, :, rows, columns]))
             output[:, rows, columns, batch] = logits.permute(1, 2, 3, 0).to(output.dtype)
-        return output
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Segment ``inputs`` of shape (B, C, H, W, D) with the 2D ``network``.
@@ -321,7 +319,11 @@ class BrainSliceInferer(Inferer):
             raise ValueError(f"BrainSliceInferer expects (B, C, H, W, D) volumes, got shape {tuple(inputs.shape)}.")
         network = self._prepared_network(network, inputs)
         volumes = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
-        outputs = torch.stack([self._segment_volume(network, volume) for volume in volumes])
+        num_volumes, in_channels, height, width, depth = volumes.shape
+        empty_logits = network(self._network_input(volumes.new_zeros((1, in_channels, height, width))))[0]
+        outputs = empty_logits[None, ..., None].repeat(num_volumes, 1, 1, 1, depth)  # the output of every empty slice
+        for volume, output in zip(volumes, outputs):
+            self._segment_brain(network, volume, output)
         return convert_to_dst_type(outputs, inputs)[0]
 
     def __repr__(self) -> str:
