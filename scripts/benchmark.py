@@ -34,6 +34,7 @@ import os
 import platform
 import statistics
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -728,12 +729,12 @@ def _write_figure(path: Path, results: dict[str, Any]) -> None:
     """Grouped bars: network-only and end-to-end latency of each model, log scale."""
     models = results["models"]
     x = np.arange(len(models))
-    fig, ax = plt.subplots(figsize=(7.5, 4.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
     for offset, (key, label) in zip((-0.2, 0.2), (("network_s", "network only"), ("end_to_end_s", "end to end"))):
         values = [model[key] for model in models.values()]
         bars = ax.bar(x + offset, values, width=0.4, label=label)
         ax.bar_label(bars, labels=[f"{v:.2f} s" for v in values], fontsize=8)
-    ax.set_xticks(x, [MODELS[key].replace(" (", "\n(") for key in models], fontsize=8)
+    ax.set_xticks(x, [textwrap.fill(MODELS[key], 22, break_long_words=False) for key in models], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("latency per volume (s, log scale)")
     shape = "x".join(str(n) for n in results["case"]["shape"])
