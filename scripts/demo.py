@@ -3,7 +3,7 @@
 
 Every step is the command a user would type, printed before it runs, so the demo doubles as a walk-through::
 
-    python -m scripts.demo                 # about 6 minutes on 2 CPU cores
+    python -m scripts.demo                 # about 4 minutes on 2 CPU cores
     python -m scripts.demo --epochs_scale 4  # longer training, better figures
 """
 
