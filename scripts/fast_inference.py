@@ -6,7 +6,8 @@ same output as MONAI's ``SliceInferer(roi_size=(-1, -1), spatial_dim=2)`` on the
 tolerance, with these exact shortcuts:
 
 - the network is prepared for inference once per call: a copy with every BatchNorm folded into the convolution
-  before it (``fold_batchnorm``) and, on request, channels-last memory (oneDNN's fast layout for depthwise
+  before it (``fold_batchnorm``; a ``SeparableUNet`` also loses its decoder's concatenations, see
+  ``SeparableUNetForInference``) and, on request, channels-last memory (oneDNN's fast layout for depthwise
   convolutions on CPU);
 - slices without brain (every input channel 0, as z-scoring with ``nonzero=True`` leaves background) are not run:
   the network's output on an all-zero slice is computed once and copied there, which is exactly what the plain path
@@ -41,6 +42,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from scripts.checkpoints import state_dict_fingerprint
+from scripts.separable_unet import SeparableUNet
+from scripts.separable_unet_inference import SeparableUNetForInference
 
 ort, _has_ort = optional_import("onnxruntime")
 _, _has_onnx = optional_import("onnx")  # torch.onnx.export serialises the model with it
@@ -102,8 +105,10 @@ def fold_batchnorm(network: nn.Module) -> int:
 def prepare_for_inference(network: nn.Module, channels_last: bool = True) -> nn.Module:
     """A copy of ``network`` made fast for inference: BatchNorm folded, optionally in channels-last memory format.
 
-    A ``DistributedDataParallel`` wrapper is unwrapped (inference needs no gradient synchronisation). A TorchScript
-    module, or a network in training mode, is returned unchanged (nothing can be folded safely).
+    A ``SeparableUNet`` is rebuilt as ``SeparableUNetForInference`` (BatchNorm folded, and no concatenation in its
+    decoder); any other network is copied with ``fold_batchnorm`` applied. A ``DistributedDataParallel`` wrapper is
+    unwrapped (inference needs no gradient synchronisation). A TorchScript module, or a network in training mode,
+    is returned unchanged (nothing can be folded safely).
 
     Args:
         network: the 2D network.
@@ -115,8 +120,11 @@ def prepare_for_inference(network: nn.Module, channels_last: bool = True) -> nn.
     network = network.module if isinstance(network, nn.parallel.DistributedDataParallel) else network
     if isinstance(network, torch.jit.ScriptModule) or network.training:
         return network
-    prepared = copy.deepcopy(network)
-    fold_batchnorm(prepared)
+    if isinstance(network, SeparableUNet):
+        prepared = SeparableUNetForInference(network)
+    else:
+        prepared = copy.deepcopy(network)
+        fold_batchnorm(prepared)
     if channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
     return prepared
@@ -207,7 +215,8 @@ class BrainSliceInferer(Inferer):
         margin: voxels of background kept around the brain's bounding box.
         divisor: the network's size divisor (``2 ** number of poolings``); cropped boxes are aligned to it.
         channels_last: run the network on channels-last tensors.
-        fold_bn: fold BatchNorm into convolutions (see ``fold_batchnorm``).
+        fold_bn: prepare the network with ``prepare_for_inference``: BatchNorm folded into convolutions, and a
+            ``SeparableUNet`` run as ``SeparableUNetForInference``.
         backend: ``torch``, or ``onnxruntime`` (CPU inputs and an ``nn.Module`` in eval mode; the ONNX export is
             kept while the network's weights stay the same).
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SeparableConv2d", "SeparableBlock", "SeparableUNet"]
+__all__ = ["SeparableConv2d", "SeparableBlock", "SeparableUNet", "UpBlock"]
 
 # Keras BatchNormalization defaults of the seed: epsilon 1e-3, momentum 0.99 (== PyTorch momentum 0.01).
 BN_EPS = 1e-3
