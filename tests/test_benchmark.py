@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 import torch
+from monai.data import MetaTensor
 from monai.networks.nets import SegResNet
 
 from scripts import benchmark
+from scripts.fast_inference import BrainSliceInferer
 from scripts.flops import conv_gflops
 from scripts.separable_unet import SeparableUNet
 
@@ -117,6 +119,23 @@ def test_2d_gflops_per_slice_agree_with_the_comparison_reports_counter(quick_run
     assert models["student"]["gflops_nominal"] == pytest.approx(conv_gflops(SeparableUNet(3, 4), slice_shape))
     teacher = SeparableUNet(3, 4, channels=benchmark.TEACHER_CHANNELS)
     assert models["teacher"]["gflops_nominal"] == pytest.approx(conv_gflops(teacher, slice_shape))
+
+
+def test_volume_gflops_count_the_slices_the_fast_path_runs_through_its_prepared_network(trained_like_network):
+    network = trained_like_network()
+    image = torch.zeros(1, 3, 32, 48, 6)
+    image[..., 1:4] = 1.0  # 3 slices with brain, all brain
+    model = {
+        "network": network,
+        "inferer": BrainSliceInferer(sw_batch_size=2, crop_to_brain=False),
+        "preprocessing": lambda case: {"image": MetaTensor(case)},
+        "postprocessing": None,
+        "case": image[0],
+    }
+    per_slice = conv_gflops(network, (1, 3, 32, 48))
+    gflops = benchmark.volume_gflops(model, torch.device("cpu"), amp=False)
+    assert gflops == pytest.approx(4 * per_slice)  # the 3 brain slices and the empty slice's forward pass
+    assert model["inferer"].fold_bn and model["inferer"].channels_last  # the model's own inferer is left as it was
 
 
 def test_reports_are_written_as_json_markdown_and_png(quick_run):
