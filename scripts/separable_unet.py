@@ -8,11 +8,25 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["SeparableConv2d", "SeparableBlock", "SeparableUNet", "UpBlock"]
+__all__ = ["SeparableConv2d", "SeparableBlock", "SeparableUNet", "UpBlock", "check_divisible"]
 
 # Keras BatchNormalization defaults of the seed: epsilon 1e-3, momentum 0.99 (== PyTorch momentum 0.01).
 BN_EPS = 1e-3
 SEED_BN_MOMENTUM = 0.01
+
+
+def check_divisible(x: torch.Tensor, divisor: int) -> None:
+    """Check that a batch of slices can be pooled down a U-Net of size divisor ``divisor``.
+
+    Args:
+        x: images of shape (N, C, H, W).
+        divisor: the network's size divisor (``2 ** number of poolings``).
+
+    Raises:
+        ValueError: if H or W is not divisible by ``divisor``.
+    """
+    if x.shape[-2] % divisor != 0 or x.shape[-1] % divisor != 0:
+        raise ValueError(f"SeparableUNet needs H and W divisible by {divisor}, got input of shape {list(x.shape)}.")
 
 
 class SeparableConv2d(nn.Sequential):
@@ -134,10 +148,7 @@ class SeparableUNet(nn.Module):
         Raises:
             ValueError: if H or W is not divisible by ``self.divisor``.
         """
-        if x.shape[-2] % self.divisor != 0 or x.shape[-1] % self.divisor != 0:
-            raise ValueError(
-                f"SeparableUNet needs H and W divisible by {self.divisor}, got input of shape {list(x.shape)}."
-            )
+        check_divisible(x, self.divisor)
         skips: list[torch.Tensor] = []
         for encoder in self.encoders:
             x = encoder(x)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from scripts.separable_unet import SeparableBlock, SeparableUNet, UpBlock
+from scripts.separable_unet import SeparableBlock, SeparableUNet, UpBlock, check_divisible
 
 __all__ = ["SeparableUNetForInference"]
 
@@ -135,10 +135,7 @@ class SeparableUNetForInference(nn.Module):
         Raises:
             ValueError: if H or W is not divisible by ``self.divisor``.
         """
-        if x.shape[-2] % self.divisor != 0 or x.shape[-1] % self.divisor != 0:
-            raise ValueError(
-                f"SeparableUNet needs H and W divisible by {self.divisor}, got input of shape {list(x.shape)}."
-            )
+        check_divisible(x, self.divisor)
         projected_skips: list[torch.Tensor] = []
         for encoder, decoder in zip(self.encoders, reversed(self.decoders)):
             x = encoder(x)
