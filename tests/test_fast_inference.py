@@ -84,7 +84,10 @@ def test_cropped_fast_path_is_exact_on_empty_slices_and_keeps_the_brain_labels(t
     torch.testing.assert_close(actual[..., empty_slices], expected[..., empty_slices], rtol=1e-4, atol=1e-4)
     brain = (volume[0] != 0).any(dim=0)
     agreement = (actual.argmax(dim=1)[0][brain] == expected.argmax(dim=1)[0][brain]).float().mean()
-    assert agreement >= 0.99
+    # Random weights on noise are far more sensitive to the lost context at the box's edge than trained weights on
+    # MRI (99.99% of the brain voxels agree on the real case, docs/benchmark); a box written one row off agrees on
+    # only 26 to 70% of them here.
+    assert agreement >= 0.97
 
 
 def test_fast_path_on_an_all_background_volume_is_the_empty_slice_output(trained_like_network):
