@@ -12,7 +12,9 @@ with these passes removed:
   pointwise one is linear, so the sum of the two halves is the convolution of the concatenation;
 - the skip's half runs right after its encoder block, while the skip is still in cache, and only its result
   (as many channels as the skip) is kept for the decoder, which adds the upsampled half into it in place;
-- LeakyReLU runs in place, and dropout (the identity in eval mode) is dropped.
+- LeakyReLU runs in place, and dropout (the identity in eval mode) is dropped;
+- 2x2 max pooling is two elementwise maxima of strided views: ``max_pool2d`` on CPU also computes and writes the
+  indices of the maxima, which costs more than the pooling itself on the narrow full-resolution activations.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from scripts.separable_unet import SeparableBlock, SeparableUNet, UpBlock, check_divisible
 
-__all__ = ["SeparableUNetForInference"]
+__all__ = ["SeparableUNetForInference", "max_pool_2x2"]
 
 NEGATIVE_SLOPE = 0.01  # of the seed's LeakyReLU
 
@@ -58,6 +60,24 @@ def _conv_with_weight(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Ten
     if bias is not None:
         conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
     return conv
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pooling with stride 2 of (N, C, H, W) ``x``, H and W even: ``F.max_pool2d(x, 2)`` without indices.
+
+    Args:
+        x: the activations, in any memory format (the result keeps it).
+
+    Returns:
+        the pooled activations, (N, C, H / 2, W / 2).
+
+    Raises:
+        ValueError: if H or W is odd.
+    """
+    if x.shape[-2] % 2 or x.shape[-1] % 2:
+        raise ValueError(f"max_pool_2x2 needs an even height and width, got shape {list(x.shape)}.")
+    rows = torch.maximum(x[..., 0::2, :], x[..., 1::2, :])
+    return torch.maximum(rows[..., 0::2], rows[..., 1::2])
 
 
 class _FoldedBlock(nn.Module):
@@ -140,7 +160,7 @@ class SeparableUNetForInference(nn.Module):
         for encoder, decoder in zip(self.encoders, reversed(self.decoders)):
             x = encoder(x)
             projected_skips.append(decoder.project_skip(x))  # now, while the skip is still in cache
-            x = F.max_pool2d(x, 2)
+            x = max_pool_2x2(x)
         x = self.bottleneck(x)
         for decoder, projected_skip in zip(self.decoders, reversed(projected_skips)):
             x = decoder(x, projected_skip)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from scripts.separable_unet import SeparableUNet
-from scripts.separable_unet_inference import SeparableUNetForInference
+from scripts.separable_unet_inference import SeparableUNetForInference, max_pool_2x2
 
 
 @pytest.mark.parametrize(
@@ -61,3 +61,16 @@ def test_inference_form_rejects_a_size_the_network_cannot_pool():
     prepared = SeparableUNetForInference(SeparableUNet(3, 2).eval())
     with pytest.raises(ValueError, match="divisible by 16"):
         prepared(torch.zeros(1, 3, 24, 32))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "channels-last"])
+def test_max_pool_2x2_equals_max_pool2d_and_keeps_the_memory_format(memory_format):
+    x = torch.randn(2, 5, 6, 8, generator=torch.Generator().manual_seed(5)).contiguous(memory_format=memory_format)
+    pooled = max_pool_2x2(x)
+    assert torch.equal(pooled, nn.functional.max_pool2d(x, 2))
+    assert pooled.is_contiguous(memory_format=memory_format)
+
+
+def test_max_pool_2x2_rejects_an_odd_size():
+    with pytest.raises(ValueError, match="even height and width"):
+        max_pool_2x2(torch.zeros(1, 1, 4, 5))
