@@ -11,7 +11,13 @@ from monai.transforms import AsDiscreted
 from torch import nn
 
 from scripts.brats_output import ArgmaxLabeld
-from scripts.fast_inference import BrainSliceInferer, brain_bounding_box, fold_batchnorm, prepare_for_inference
+from scripts.fast_inference import (
+    BrainSliceInferer,
+    brain_bounding_box,
+    empty_output,
+    fold_batchnorm,
+    prepare_for_inference,
+)
 from scripts.separable_unet import SeparableUNet
 
 
@@ -166,3 +172,12 @@ def test_onnxruntime_backend_exports_again_when_the_weights_change(trained_like_
 def test_unknown_backend_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="backend must be one of"):
         BrainSliceInferer(backend="tensorrt")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_empty_output_has_the_shape_dtype_and_device_asked_for_and_is_writable(dtype):
+    output = empty_output((2, 3, 4, 5, 6), torch.zeros(1, dtype=dtype))
+    assert (output.shape, output.dtype, output.device) == ((2, 3, 4, 5, 6), dtype, torch.device("cpu"))
+    assert output.is_contiguous()
+    output.fill_(1.5)
+    assert torch.equal(output, torch.full_like(output, 1.5))
