@@ -733,7 +733,8 @@ def _markdown(results: dict[str, Any]) -> str:
         f"(online distillation: {epochs['distillation_online_over_student_alone']:.2f}x).",
         "",
         "Network only: the preprocessed volume through the inferer (student and teacher: `configs/inference.json`'s "
-        "`BrainSliceInferer` with its defaults for the device, i.e. BatchNorm folded, channels-last, slices without "
+        "`BrainSliceInferer` with its defaults for the device, i.e. the network as `SeparableUNetForInference` "
+        "(BatchNorm folded, no decoder concatenation), channels-last, slices without "
         "brain skipped, each batch of brain slices cropped to its brain's box plus `crop_margin` voxels; plain "
         "student: MONAI's `SliceInferer`, 32 slices a batch, on the `DivisiblePad`ded volume; SegResNet: "
         "`SlidingWindowInferer`, one window a batch, overlap 0.5). End to end: NIfTI files in, NIfTI label out "
