@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, optional_import
+from monai.utils.type_conversion import dtype_torch_to_numpy
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -62,7 +63,6 @@ __all__ = [
 ]
 
 BACKENDS = ("torch", "onnxruntime")
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 
 
 def _last_conv(module: nn.Module) -> nn.Conv2d | None:
@@ -138,7 +138,10 @@ def empty_output(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
 
     On CPU it is allocated by NumPy, which asks Linux for transparent huge pages for large arrays (``madvise``, NumPy's
     default). The first write into a fresh 140 MB output then takes a quarter of the time it takes with PyTorch's
-    allocator, whose 4 KiB pages each fault on first touch (``scripts.benchmark`` measures the inferer with it).
+    allocator, whose 4 KiB pages each fault on first touch (9 against 31 ms on the machine of ``docs/benchmark``).
+    The first few such outputs of a process cost more while the kernel assembles huge pages (0.05 to 0.2 s each
+    there), so the gain is for processes that segment many volumes (MONAI Label, a dataset, validation). Dtypes
+    NumPy lacks (bfloat16) and other devices get ``torch.empty``.
 
     Args:
         shape: the output's shape.
@@ -147,8 +150,11 @@ def empty_output(shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
     Returns:
         the uninitialised tensor (contiguous).
     """
-    if like.device.type == "cpu" and like.dtype in _NUMPY_DTYPES:
-        return torch.from_numpy(np.empty(tuple(shape), dtype=_NUMPY_DTYPES[like.dtype]))
+    if like.device.type == "cpu":
+        try:
+            return torch.from_numpy(np.empty(tuple(shape), dtype=dtype_torch_to_numpy(like.dtype)))
+        except TypeError:  # MONAI's mapping has no NumPy dtype for it
+            pass
     return torch.empty(tuple(shape), dtype=like.dtype, device=like.device)
 
 
