@@ -4,15 +4,33 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["DistillationLoss"]
+__all__ = ["DistillationLoss", "DistillationTarget"]
 
 MODES = ("softmax", "sigmoid")
+
+
+class DistillationTarget(NamedTuple):
+    """What the student is trained towards in one batch: the label and the teacher's targets.
+
+    ``scripts.teacher.TeacherTargets`` builds it as the trainer's target, so MONAI's ``SupervisedTrainer`` calls
+    :class:`DistillationLoss` as ``loss(student_logits, target)``. At most one of the teacher entries is set.
+
+    Attributes:
+        label: the ground truth, as the supervised loss expects it.
+        teacher_logits: the teacher's logits of the batch (online distillation), or None.
+        teacher_probs: the teacher's cached soft labels of the batch, softened with the loss's temperature, or None.
+    """
+
+    label: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+    teacher_probs: torch.Tensor | None = None
 
 
 class DistillationLoss(_Loss):
@@ -144,8 +162,8 @@ class DistillationLoss(_Loss):
     def forward(
         self,
         student_logits: torch.Tensor,
-        label: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
+        label: torch.Tensor | DistillationTarget,
+        teacher_logits: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         teacher_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -154,7 +172,9 @@ class DistillationLoss(_Loss):
         Args:
             student_logits: student logits of shape (N, C, *spatial).
             label: (N, 1, *spatial) class indices (softmax mode) or (N, C, *spatial) binary regions (sigmoid mode),
-                as expected by ``supervised``.
+                as expected by ``supervised``; or a :class:`DistillationTarget` holding it with the teacher's
+                targets (how the trainer calls the loss), in which case ``teacher_logits`` and ``teacher_probs``
+                are taken from it.
             teacher_logits: teacher logits of the student's shape, any floating dtype; may be None when
                 ``kd_weight`` is 0.
             mask: optional (N, 1, *spatial) mask restricting the KD term, see :meth:`kd_term`; the supervised term
@@ -169,6 +189,8 @@ class DistillationLoss(_Loss):
             ValueError: if both ``teacher_logits`` and ``teacher_probs`` are None while ``kd_weight`` > 0, or as
                 raised by :meth:`kd_term`.
         """
+        if isinstance(label, DistillationTarget):
+            label, teacher_logits, teacher_probs = label
         if self.kd_weight == 0:
             return self.supervised(student_logits, label)
         if teacher_logits is None and teacher_probs is None:

@@ -22,6 +22,7 @@ QUICK = "--epochs 1 --patch_size 32 --patches_per_case 2 --batch_size 2 --infer_
 TRAIN_AND_EVALUATE = "['configs/train.json','configs/evaluate.json']"
 TEACHER = "['configs/train.json','configs/teacher.json']"
 TEACHER_AND_EVALUATE = "['configs/train.json','configs/teacher.json','configs/evaluate.json']"
+DISTILL = "['configs/train.json','configs/distill.json']"
 
 
 def run_bundle(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -93,7 +94,7 @@ def test_evaluation_of_the_default_test_split_uses_held_out_patients(teacher_run
 def test_distillation_through_the_bundle_runner_writes_the_student_as_model_pt(teacher_run, synthetic_dir):
     root, *_ = teacher_run
     result = run_bundle(
-        "training", "--config_file", "configs/distill.json", "--bundle_root", str(root), "--dataset_dir",
+        "training", "--config_file", DISTILL, "--bundle_root", str(root), "--dataset_dir",
         str(synthetic_dir), *QUICK,
     )  # fmt: skip
     SeparableUNet(3, 4).load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
@@ -107,7 +108,7 @@ def test_distillation_through_the_bundle_runner_writes_the_student_as_model_pt(t
 def test_online_distillation_runs_without_a_soft_label_cache(teacher_run, synthetic_dir, tmp_path):
     root, *_ = teacher_run
     run_bundle(
-        "training", "--config_file", "configs/distill.json", "--bundle_root", str(root), "--dataset_dir",
+        "training", "--config_file", DISTILL, "--bundle_root", str(root), "--dataset_dir",
         str(synthetic_dir), "--soft_labels", "online", "--soft_label_dir", str(tmp_path / "cache"),
         "--ckpt_dir", str(tmp_path / "models"), "--teacher_ckpt", str(root / "models" / "teacher.pt"),
         "--teacher_validation", "false", *QUICK,
@@ -119,7 +120,7 @@ def test_online_distillation_runs_without_a_soft_label_cache(teacher_run, synthe
 def test_unknown_soft_label_mode_stops_naming_the_choices(teacher_run, synthetic_dir, tmp_path):
     root, *_ = teacher_run
     result = run_bundle(
-        "training", "--config_file", "configs/distill.json", "--bundle_root", str(root), "--dataset_dir",
+        "training", "--config_file", DISTILL, "--bundle_root", str(root), "--dataset_dir",
         str(synthetic_dir), "--soft_labels", "cache", "--ckpt_dir", str(tmp_path / "models"), "--teacher_ckpt",
         str(root / "models" / "teacher.pt"), *QUICK, check=False,
     )  # fmt: skip
@@ -130,7 +131,7 @@ def test_unknown_soft_label_mode_stops_naming_the_choices(teacher_run, synthetic
 
 def test_distillation_without_a_teacher_checkpoint_stops_naming_the_file(synthetic_dir, tmp_path):
     result = run_bundle(
-        "training", "--config_file", "configs/distill.json", "--bundle_root", str(tmp_path), "--dataset_dir",
+        "training", "--config_file", DISTILL, "--bundle_root", str(tmp_path), "--dataset_dir",
         str(synthetic_dir), *QUICK, check=False,
     )  # fmt: skip
     assert result.returncode != 0

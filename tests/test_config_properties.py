@@ -13,23 +13,20 @@ from scripts.separable_unet import SeparableUNet
 from scripts.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
-TEACHER = ["configs/train.json", "configs/teacher.json"]
-CONFIGS = [
-    "configs/train.json",
-    TEACHER,
-    "configs/distill.json",
-    ["configs/train.json", "configs/evaluate.json"],
-    [*TEACHER, "configs/evaluate.json"],
-    ["configs/distill.json", "configs/evaluate.json"],
-]
+CONFIG_DIR = BUNDLE_ROOT / "configs"
+TRAIN = [str(CONFIG_DIR / "train.json")]
+TEACHER = [*TRAIN, str(CONFIG_DIR / "teacher.json")]
+DISTILL = [*TRAIN, str(CONFIG_DIR / "distill.json")]
+EVALUATE = str(CONFIG_DIR / "evaluate.json")
+CONFIGS = [TRAIN, TEACHER, DISTILL, [*TRAIN, EVALUATE], [*TEACHER, EVALUATE], [*DISTILL, EVALUATE]]
 
 
 def check_properties(config_file, workflow_type: str, bundle_root: Path) -> list:
     """Initialise a config as the Model Zoo's unit tests do and return its missing or misreferenced properties."""
     workflow = ConfigWorkflow(
         config_file=config_file,
-        meta_file="configs/metadata.json",
-        logging_file="configs/logging.conf",
+        meta_file=str(CONFIG_DIR / "metadata.json"),
+        logging_file=str(CONFIG_DIR / "logging.conf"),
         workflow_type=workflow_type,
         bundle_root=str(bundle_root),
         dataset_dir=str(bundle_root / "data"),
@@ -51,9 +48,9 @@ def test_workflow_config_defines_every_training_property(config_file, tmp_path, 
 
 
 def test_inference_config_defines_every_inference_property(tmp_path, monkeypatch):
-    monkeypatch.chdir(BUNDLE_ROOT)
+    monkeypatch.chdir(tmp_path)
     write_synthetic_dataset(tmp_path / "data", num_cases=1, shape=(32, 32, 16))
-    assert check_properties("configs/inference.json", "infer", tmp_path) == []
+    assert check_properties(str(CONFIG_DIR / "inference.json"), "infer", tmp_path) == []
 
 
 def parsed(config_file) -> ConfigParser:
@@ -75,16 +72,15 @@ def shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in network.state_dict().items()}
 
 
-def test_train_config_trains_the_deployed_student_into_model_pt(monkeypatch):
-    monkeypatch.chdir(BUNDLE_ROOT)
-    train, distill, teacher = parsed("configs/train.json"), parsed("configs/distill.json"), parsed(TEACHER)
+def test_train_config_trains_the_deployed_student_into_model_pt():
+    train, distill, teacher = parsed(TRAIN), parsed(DISTILL), parsed(TEACHER)
     # MONAI Label runs configs/train.json and first loads models/model.pt (written by distill.json) into @network
     student = train.get_parsed_content("network_def")
     assert shapes(student) == shapes(distill.get_parsed_content("network_def"))
     assert sum(p.numel() for p in student.parameters()) == 605_679
     assert train.get_parsed_content("ckpt_name") == best_checkpoint_file(train) == "model.pt"
     assert best_checkpoint_file(distill) == "model.pt"
-    # the teacher: configs/teacher.json merged on train.json, as distill.json's teacher_def
+    # the teacher: configs/teacher.json trains train.json's teacher_def, which distill.json loads
     network = teacher.get_parsed_content("network_def")
     assert sum(p.numel() for p in network.parameters()) == 9_475_935
     assert shapes(network) == shapes(distill.get_parsed_content("teacher_def"))
@@ -93,11 +89,34 @@ def test_train_config_trains_the_deployed_student_into_model_pt(monkeypatch):
     assert train.get_parsed_content("last_ckpt_name") == "model_last.pt"
 
 
-def test_training_loader_reads_one_file_studies_with_the_configs_modalities(monkeypatch):
+def test_training_loader_reads_one_file_studies_with_the_configs_modalities():
     # MONAI Label hands training one image file per study; its sibling sequences are chosen by `modalities`
-    monkeypatch.chdir(BUNDLE_ROOT)
-    for config_file in ("configs/train.json", TEACHER, "configs/distill.json"):
+    for config_file in (TRAIN, TEACHER, DISTILL):
         parser = parsed(config_file)
         parser["modalities"] = ["flair", "t1", "t1ce", "t2"]
         loader = parser.get_parsed_content("train#preprocessing_transforms")[0]
         assert loader.modalities == ["flair", "t1", "t1ce", "t2"]
+
+
+def test_distill_config_overrides_only_what_distillation_adds():
+    train = ConfigParser.load_config_file(CONFIG_DIR / "train.json")
+    distill = ConfigParser.load_config_file(CONFIG_DIR / "distill.json")
+    restated = [key for key, value in distill.items() if key in train and train[key] == value]
+    assert restated == [], f"configs/distill.json restates configs/train.json's {restated}"
+    assert not any(isinstance(v, str) and v.startswith("%") for v in distill.values()), "no cross-file macro"
+
+
+def test_network_width_override_reaches_the_distilled_student():
+    parser = ConfigParser()
+    parser.read_config(DISTILL)
+    parser["network_def#channels"] = [8, 16, 32, 64, 128]
+    student = parser.get_parsed_content("network_def")
+    assert student.head.in_channels == 8
+
+
+def test_one_knob_sets_the_mode_of_the_loss_and_of_the_cached_soft_labels():
+    parser = parsed(DISTILL)
+    parser["kd_mode"] = "sigmoid"
+    parser["train#soft_label_transform#teacher"] = "$torch.nn.Conv2d(3, 4, 1)"
+    assert parser.get_parsed_content("loss").mode == "sigmoid"
+    assert parser.get_parsed_content("train#soft_label_transform").mode == "sigmoid"

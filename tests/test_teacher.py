@@ -8,9 +8,10 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.inferers import SimpleInferer
 
-from scripts.distillation_loss import DistillationLoss
+from scripts.distillation_loss import DistillationLoss, DistillationTarget
 from scripts.separable_unet import SeparableUNet
-from scripts.teacher_handler import TEACHER_PRED, FrozenTeacherHandler, TeacherCheckpointError, load_teacher
+from scripts.soft_labels import SOFT_LABEL_KEY
+from scripts.teacher import TeacherCheckpointError, TeacherTargets, load_teacher
 
 TINY_TEACHER = (8, 16, 32)
 TINY_STUDENT = (4, 8, 16)
@@ -78,12 +79,17 @@ def test_checkpoint_carrying_pickled_code_is_refused(tmp_path):
         load_teacher(tiny_teacher(), str(tmp_path / "evil.pt"))
 
 
-def make_trainer(teacher: torch.nn.Module, kd_weight: float, epochs: int = 1) -> SupervisedTrainer:
+def make_trainer(
+    teacher: torch.nn.Module, kd_weight: float, epochs: int = 1, soft_labels: str = "online", cached_probs=None
+) -> SupervisedTrainer:
     torch.manual_seed(1)
     student = SeparableUNet(in_channels=3, out_channels=4, channels=TINY_STUDENT)
     images = torch.randn(4, 3, 16, 16)
     labels = torch.randint(0, 4, (4, 1, 16, 16)).float()
     loader = [{"image": images[i : i + 2], "label": labels[i : i + 2]} for i in (0, 2)]
+    if cached_probs is not None:
+        for batch, i in zip(loader, (0, 2)):
+            batch[SOFT_LABEL_KEY] = cached_probs[i : i + 2]
     return SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=epochs,
@@ -92,7 +98,7 @@ def make_trainer(teacher: torch.nn.Module, kd_weight: float, epochs: int = 1) ->
         optimizer=torch.optim.Adam(student.parameters(), 1e-2),
         loss_function=DistillationLoss(kd_weight=kd_weight),
         inferer=SimpleInferer(),
-        train_handlers=[FrozenTeacherHandler(teacher)],
+        prepare_batch=TeacherTargets(teacher, soft_labels=soft_labels, enabled=kd_weight > 0),
         decollate=False,  # keep the last iteration's batch and output whole for the checks
     )
 
@@ -118,10 +124,40 @@ def test_teacher_logits_of_the_students_batch_reach_the_loss(tmp_path):
     output = trainer.state.output
     with torch.no_grad():
         expected = teacher(output["image"])
-    torch.testing.assert_close(output[TEACHER_PRED], expected)
+    target = output["label"]
+    assert isinstance(target, DistillationTarget) and target.teacher_probs is None
+    torch.testing.assert_close(target.teacher_logits, expected)
     # kd_weight 1: the loss is the KD term between the student's prediction and these teacher logits
     kd = DistillationLoss(kd_weight=1.0).kd_term(output["pred"].detach(), expected)
     assert output["loss"].item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_cached_soft_labels_of_the_batch_reach_the_loss_without_running_the_teacher(tmp_path):
+    save_trained_teacher(tmp_path / "teacher.pt")
+    teacher = load_teacher(tiny_teacher(), str(tmp_path / "teacher.pt"))
+    calls = []
+    teacher.register_forward_hook(lambda *args: calls.append(1))
+    probs = torch.softmax(torch.randn(4, 4, 16, 16), dim=1)
+    trainer = make_trainer(teacher, kd_weight=1.0, soft_labels="cached", cached_probs=probs)
+    trainer.run()
+    assert calls == []
+    target = trainer.state.output["label"]
+    assert target.teacher_logits is None
+    torch.testing.assert_close(target.teacher_probs, probs[2:4])
+    kd = DistillationLoss(kd_weight=1.0).kd_term(trainer.state.output["pred"].detach(), None, teacher_probs=probs[2:4])
+    assert trainer.state.output["loss"].item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_cached_mode_without_soft_labels_in_the_batch_names_the_missing_transform(tmp_path):
+    targets = TeacherTargets(tiny_teacher(), soft_labels="cached")
+    batch = {"image": torch.zeros(1, 3, 16, 16), "label": torch.zeros(1, 1, 16, 16)}
+    with pytest.raises(KeyError, match="TeacherSoftLabelsd"):
+        targets(batch)
+
+
+def test_unknown_soft_label_source_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match=r"\('online', 'cached'\)"):
+        TeacherTargets(tiny_teacher(), soft_labels="cache")
 
 
 def test_student_alone_baseline_does_not_run_the_teacher(tmp_path):
@@ -132,4 +168,4 @@ def test_student_alone_baseline_does_not_run_the_teacher(tmp_path):
     trainer = make_trainer(teacher, kd_weight=0.0)
     trainer.run()
     assert calls == []
-    assert trainer.state.output[TEACHER_PRED] is None
+    assert trainer.state.output["label"].teacher_logits is None
