@@ -38,7 +38,7 @@ from scripts.brats_data import canonical_sequences
 from scripts.brats_regions import region_names
 from scripts.flops import conv_gflops
 from scripts.metrics_report import case_metrics
-from scripts.teacher_handler import TeacherCheckpointError, load_teacher
+from scripts.teacher import TeacherCheckpointError, load_teacher
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)

@@ -10,9 +10,10 @@ from torch import nn
 
 __all__ = ["SeparableConv2d", "SeparableBlock", "SeparableUNet", "UpBlock", "check_divisible"]
 
-# Keras BatchNormalization defaults of the seed: epsilon 1e-3, momentum 0.99 (== PyTorch momentum 0.01).
+# Keras BatchNormalization defaults of the original Keras design: epsilon 1e-3, momentum 0.99 (== PyTorch 0.01).
 BN_EPS = 1e-3
 SEED_BN_MOMENTUM = 0.01
+NEGATIVE_SLOPE = 0.01  # of the LeakyReLU after every BatchNorm
 
 
 def check_divisible(x: torch.Tensor, divisor: int) -> None:
@@ -59,7 +60,7 @@ class SeparableBlock(nn.Sequential):
             layers += [
                 SeparableConv2d(c_in, out_channels),
                 nn.BatchNorm2d(out_channels, eps=BN_EPS, momentum=bn_momentum),
-                nn.LeakyReLU(0.01),
+                nn.LeakyReLU(NEGATIVE_SLOPE),
             ]
         super().__init__(*layers)
 

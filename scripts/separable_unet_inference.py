@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from scripts.separable_unet import SeparableBlock, SeparableUNet, UpBlock, check_divisible
+from scripts.separable_unet import NEGATIVE_SLOPE, SeparableBlock, SeparableUNet, UpBlock, check_divisible
 
 __all__ = ["SeparableUNetForInference", "max_pool_2x2"]
 
-NEGATIVE_SLOPE = 0.01  # of the seed's LeakyReLU
 
 
 def _folded_block(block: SeparableBlock) -> list[nn.Conv2d]:

@@ -12,7 +12,7 @@ import torch
 
 from scripts.compare_models import compare_models, load_config
 from scripts.synthetic_brats import write_synthetic_dataset
-from scripts.teacher_handler import TeacherCheckpointError
+from scripts.teacher import TeacherCheckpointError
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 SMALL_TEACHER = {"teacher_def#channels": [8, 16, 32, 64, 128]}  # keeps the test fast
