@@ -31,7 +31,6 @@ from scripts.separable_unet import NEGATIVE_SLOPE, SeparableBlock, SeparableUNet
 __all__ = ["SeparableUNetForInference", "max_pool_2x2"]
 
 
-
 def _folded_block(block: SeparableBlock) -> list[nn.Conv2d]:
     """The four convolutions of ``block`` (depthwise, pointwise, depthwise, pointwise), BatchNorm folded in."""
     first, first_norm, _, second, second_norm, _ = block
