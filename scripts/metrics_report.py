@@ -43,7 +43,14 @@ def region_case_results(
 
     Returns:
         the per-region results of ``scripts.official_metrics.evaluate_case``.
+
+    Raises:
+        ValueError: if ``regions`` is neither ``("WT",)`` nor ``("WT", "TC", "ET")`` (``region_names``).
     """
+    if tuple(regions) not in (region_names(2), region_names(4)):
+        raise ValueError(
+            f"case {case_id}: region channels must be {region_names(2)} or {region_names(4)}, got {regions}."
+        )
     return evaluate_case(
         regions_to_labels(pred), regions_to_labels(label), "internal", _spacing(label), regions, case_id
     )

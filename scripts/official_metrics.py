@@ -6,8 +6,9 @@ lesions matched one to one), and the true-positive, false-positive and false-neg
 scored in memory by panoptica's evaluator with the package's glioma configuration (``gli``), exactly what the
 package's command line does from NIfTI files; per-case values and the mean, std and median rows are then those of
 the package's own parser (``brats_evaluation.parse_seg_results``): a region empty in both reference and prediction
-is NaN and left out of the means, a legacy HD95 without any predicted (or reference) voxel is 373 mm, a lesion-wise
-HD95 without any matched lesion is infinite.
+is NaN and left out of the means, a legacy HD95 without any overlapping voxel is 373, a lesion-wise HD95 without any
+matched lesion is infinite. As in the package, lesion-wise distances are in mm but legacy HD95 is in voxels
+(panoptica computes its global metrics without the voxel size): the same on BraTS's 1 mm data.
 """
 
 from __future__ import annotations
@@ -117,7 +118,9 @@ def evaluate_case(
         prediction: predicted label map of shape (*spatial) or (1, *spatial).
         reference: reference label map of the same shape.
         convention: label values of both maps, one of ``LABEL_CONVENTIONS``.
-        spacing: voxel size in mm along each spatial axis of the arrays; 1 mm by default.
+        spacing: voxel size in mm along each axis of the arrays (1 mm by default), used by the lesion-wise
+            distances. The package's command line reads files with SimpleITK, whose arrays are (z, y, x) while
+            its spacing stays (x, y, z): on anisotropic voxels its lesion-wise HD95 differs from this one.
         regions: the regions to score, among ``WT``, ``TC``, ``ET``.
         case_id: case id, for error messages.
 
