@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -162,3 +163,27 @@ def test_label_values_outside_the_convention_are_an_error_naming_the_case():
     reference = in_release(tumour(), "brats2020")  # enhancing is 4, which BraTS 2023 uses for resection cavity
     with pytest.raises(BraTSDataError, match=r"case BraTS20_X: .*prediction.*\[4\]"):
         evaluate_case(reference, reference, "brats2023", case_id="BraTS20_X")
+
+
+SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "brats_sample"
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.is_dir(), reason="../shared/data/brats_sample is not available")
+def test_a_real_case_scores_as_the_package_scores_its_files(tmp_path):
+    label_file = next(SHARED_SAMPLE.glob("*/*_seg.nii.gz"))  # BraTS 2020 values, 1 mm
+    image = nib.load(label_file)
+    reference = np.asarray(image.dataobj).astype(np.uint8)
+    prediction = np.roll(np.where(ndimage.binary_erosion(reference > 0), reference, 0), 2, axis=0).astype(np.uint8)
+    ours = metrics_table({"case": evaluate_case(prediction, reference, "brats2020", image.header.get_zooms())})
+    files = {}
+    for name, volume in (("pred", prediction), ("ref", reference)):
+        files[name] = str(tmp_path / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(np.where(volume == 4, 3, volume).astype(np.uint8), image.affine), files[name])
+    evaluator = Panoptica_Evaluator.load_from_config(config_path("gli"))
+    summary = {"metrics": [evaluate_single_exam(files["pred"], files["ref"], "case", evaluator)], "missings": []}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    parse_seg_results(str(tmp_path / "summary.json"), str(tmp_path / "parsed.csv"))
+    theirs = pd.read_csv(tmp_path / "parsed.csv", dtype={"subject_id": str})
+    for name, official in METRIC_COLUMNS.items():
+        for region in ("wt", "tc", "et"):
+            np.testing.assert_allclose(ours[0][f"{name}_{region}"], theirs[f"{official}_{region}"][0], atol=1e-6)
