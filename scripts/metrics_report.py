@@ -150,12 +150,17 @@ class BraTSMetricsReport:
         self.logger.info("\n%s\nper-case metrics written to %s", format_table(rows, columns), self.path)
 
 
-def _format_value(value: float) -> str:
-    return str(int(value)) if math.isfinite(value) and float(value).is_integer() else f"{value:.4f}"
+_COUNT_PREFIXES = ("lesion_tp_", "lesion_fp_", "lesion_fn_")
+
+
+def _format_value(column: str, value: float) -> str:
+    if column.startswith(_COUNT_PREFIXES) and math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Format metric rows as a fixed-width text table (whole numbers without decimals, others with 4).
+    """Format metric rows as a fixed-width text table (4 decimals; whole lesion counts without).
 
     Args:
         rows: one dict per row, with ``case_id`` and float metric values (NaN and infinity allowed).
@@ -165,8 +170,9 @@ def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         the table as text.
     """
     width = max(len("case_id"), *(len(str(r["case_id"])) for r in rows))
-    cell = max(8, *(len(c) for c in columns[1:]))
-    lines = ["  ".join([f"{'case_id':<{width}}"] + [f"{c:>{cell}}" for c in columns[1:]])]
+    cells = {c: max(8, len(c)) for c in columns[1:]}
+    lines = ["  ".join([f"{'case_id':<{width}}"] + [f"{c:>{cells[c]}}" for c in columns[1:]])]
     for r in rows:
-        lines.append("  ".join([f"{r['case_id']:<{width}}"] + [f"{_format_value(r[c]):>{cell}}" for c in columns[1:]]))
+        values = [f"{_format_value(c, r[c]):>{cells[c]}}" for c in columns[1:]]
+        lines.append("  ".join([f"{r['case_id']:<{width}}"] + values))
     return "\n".join(lines)
