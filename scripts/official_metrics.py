@@ -3,12 +3,13 @@
 
 Per case and region (WT, TC, ET): legacy Dice and HD95 (whole region), lesion-wise Dice and HD95 (26-connected
 lesions matched one to one), and the true-positive, false-positive and false-negative lesion counts. A case is
-scored in memory by panoptica's evaluator with the package's glioma configuration (``gli``), exactly what the
-package's command line does from NIfTI files; per-case values and the mean, std and median rows are then those of
-the package's own parser (``brats_evaluation.parse_seg_results``): a region empty in both reference and prediction
-is NaN and left out of the means, a legacy HD95 without any overlapping voxel is 373, a lesion-wise HD95 without any
-matched lesion is infinite. As in the package, lesion-wise distances are in mm but legacy HD95 is in voxels
-(panoptica computes its global metrics without the voxel size): the same on BraTS's 1 mm data.
+scored in memory by panoptica's evaluator with the package's glioma configuration (``gli``), as the package's
+command line does from NIfTI files (identically on isotropic voxels, see :func:`evaluate_case`); per-case values
+and the mean, std and median rows are then those of the package's own parser (``brats_evaluation.parse_seg_results``):
+a region empty in both reference and prediction is NaN and left out of the means, a legacy HD95 without any
+overlapping voxel is 373, a lesion-wise HD95 without any matched lesion is infinite. As in the package, lesion-wise
+distances are in mm but legacy HD95 is in voxels (panoptica computes its global metrics without the voxel size):
+the same on BraTS's 1 mm data.
 """
 
 from __future__ import annotations
