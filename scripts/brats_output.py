@@ -27,10 +27,13 @@ __all__ = [
     "AtomicNibabelWriter",
     "check_output_dir",
     "case_name_formatter",
+    "output_postfix",
 ]
 
-# "internal" is 0 background, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing (the BraTS 2023+ values)
-OUTPUT_CONVENTIONS = (*LABEL_MAPS, "internal")
+# "internal" is 0 background, 1 necrotic/non-enhancing core, 2 edema, 3 enhancing (the BraTS 2023+ values);
+# "challenge" is what the official brats-evaluation command line scores: BraTS 2023 values in `<case_id>.nii.gz`
+CHALLENGE = "challenge"
+OUTPUT_CONVENTIONS = (*LABEL_MAPS, "internal", CHALLENGE)
 
 
 def internal_to_release(label: torch.Tensor, convention: str) -> torch.Tensor:
@@ -38,7 +41,8 @@ def internal_to_release(label: torch.Tensor, convention: str) -> torch.Tensor:
 
     Args:
         label: tensor of internal class indices.
-        convention: a key of ``LABEL_MAPS`` (``brats2020``, ``brats2023``, ``msd``) or ``internal``.
+        convention: a key of ``LABEL_MAPS`` (``brats2020``, ``brats2023``, ``msd``), ``internal`` or ``challenge``
+            (BraTS 2023 values).
 
     Returns:
         a tensor of the same shape and type with the release's values (e.g. enhancing 3 -> 4 for BraTS 2020).
@@ -50,6 +54,7 @@ def internal_to_release(label: torch.Tensor, convention: str) -> torch.Tensor:
         raise ValueError(f"Unknown label convention {convention!r}, expected one of {OUTPUT_CONVENTIONS}.")
     if convention == "internal":
         return label
+    convention = "brats2023" if convention == CHALLENGE else convention
     lut = torch.zeros(4, dtype=torch.int64, device=label.device)
     for release_value, internal_value in LABEL_MAPS[convention].items():
         lut[internal_value] = release_value
@@ -139,7 +144,7 @@ class ToReleaseLabelsd(MapTransform):
 
 
 def case_name_formatter(metadict: dict, saver: Transform) -> dict:
-    """``SaveImage`` name formatter naming each output after its case id (``<case_id>_seg.nii.gz``).
+    """``SaveImage`` name formatter naming each output after its case id (``<case_id>_seg.nii.gz`` by default).
 
     Args:
         metadict: the saved image's metadata, holding ``case_id`` (see ``LoadBraTSCased``).
@@ -149,6 +154,22 @@ def case_name_formatter(metadict: dict, saver: Transform) -> dict:
         the keyword arguments of ``FolderLayout.filename``.
     """
     return {"subject": str(metadict.get("case_id", getattr(saver, "_data_index", 0))), "idx": None}
+
+
+def output_postfix(convention: str | None) -> str:
+    """``SaveImage`` postfix of a segmentation's file name: ``seg`` (``<case_id>_seg.nii.gz``), none for ``challenge``.
+
+    The official ``brats-evaluation`` command line pairs a reference file with the prediction whose name ends with
+    the subject id found in the reference's name (e.g. ``00001-000`` in ``BraTS-GLI-00001-000-seg.nii.gz``), so a
+    BraTS 2023+ case's prediction must be named ``<case_id>.nii.gz``.
+
+    Args:
+        convention: the output convention (``None`` for the input's release).
+
+    Returns:
+        the postfix.
+    """
+    return "" if convention == CHALLENGE else "seg"
 
 
 class EmptyBrainToBackgroundd(MapTransform):

@@ -1,5 +1,5 @@
 # Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
-"""Per-case BraTS metrics (Dice and 95% Hausdorff distance per region) written as a CSV and printed as a table."""
+"""Per-case official BraTS metrics (``scripts.official_metrics``) of an evaluation, written as a CSV and printed."""
 
 from __future__ import annotations
 
@@ -7,18 +7,19 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from scripts.atomic_files import atomic_path
-from scripts.brats_regions import region_names
+from scripts.brats_regions import region_names, regions_to_labels
+from scripts.official_metrics import evaluate_case, metrics_table
 
-__all__ = ["BraTSMetricsReport", "case_metrics", "format_table"]
+__all__ = ["BraTSMetricsReport", "case_metrics", "region_case_results", "format_table"]
 
 
 def _spacing(volume: torch.Tensor) -> list[float]:
@@ -27,59 +28,60 @@ def _spacing(volume: torch.Tensor) -> list[float]:
     return [1.0] * (volume.ndim - 1)
 
 
-def _plain(volume: torch.Tensor) -> torch.Tensor:
-    return volume.as_tensor() if isinstance(volume, MetaTensor) else volume
+def region_case_results(
+    pred: torch.Tensor, label: torch.Tensor, regions: Sequence[str], case_id: str = "?"
+) -> dict[str, dict[str, Any]]:
+    """Official BraTS results of one case given as region channels (what the evaluators' postprocessing gives).
+
+    Args:
+        pred: binary region channels of shape (len(regions), *spatial), as ``scripts.brats_regions.labels_to_regions``
+            gives them.
+        label: ground-truth region channels of the same shape; a ``MetaTensor``'s affine gives the voxel size in mm
+            (1 mm otherwise).
+        regions: region names of the channels.
+        case_id: case id, for error messages.
+
+    Returns:
+        the per-region results of ``scripts.official_metrics.evaluate_case``.
+
+    Raises:
+        ValueError: if ``regions`` is neither ``("WT",)`` nor ``("WT", "TC", "ET")`` (``region_names``).
+    """
+    if tuple(regions) not in (region_names(2), region_names(4)):
+        raise ValueError(
+            f"case {case_id}: region channels must be {region_names(2)} or {region_names(4)}, got {regions}."
+        )
+    return evaluate_case(
+        regions_to_labels(pred), regions_to_labels(label), "internal", _spacing(label), regions, case_id
+    )
 
 
-def case_metrics(pred: torch.Tensor, label: torch.Tensor, regions: tuple[str, ...]) -> dict[str, float]:
-    """Dice and HD95 (mm) of one case for each region, with the BraTS conventions for empty regions.
-
-    A region absent from both prediction and ground truth scores Dice 1 and HD95 0; absent from only one of
-    them it scores Dice 0 and HD95 equal to the volume's diagonal in mm (the worst possible distance).
+def case_metrics(pred: torch.Tensor, label: torch.Tensor, regions: Sequence[str]) -> dict[str, float]:
+    """Official BraTS metrics of one case given as region channels, one value per metric and region.
 
     Args:
         pred: binary region channels of shape (len(regions), *spatial).
-        label: ground-truth region channels of the same shape.
+        label: ground-truth region channels of the same shape (see :func:`region_case_results`).
         regions: region names of the channels.
 
     Returns:
-        ``{"dice_wt": ..., "hd95_wt": ..., ...}`` in region order, Dice first.
+        ``{"dice_wt": ..., ..., "lesion_fn_et": ...}``: the columns of ``scripts.official_metrics.metrics_table``.
     """
-    spacing = _spacing(label)
-    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(label.shape[1:], spacing)))
-    pred, label = _plain(pred), _plain(label)
-    dice = compute_dice(pred[None], label[None], include_background=True, ignore_empty=False)[0]
-    result: dict[str, float] = {}
-    for i, name in enumerate(regions):
-        result[f"dice_{name.lower()}"] = float(dice[i])
-    for i, name in enumerate(regions):
-        has_pred, has_label = bool(pred[i].any()), bool(label[i].any())
-        if not has_pred and not has_label:
-            hd95 = 0.0
-        elif has_pred != has_label:
-            hd95 = diagonal
-        else:
-            hd95 = float(
-                compute_hausdorff_distance(
-                    pred[None, i : i + 1],
-                    label[None, i : i + 1],
-                    include_background=True,
-                    percentile=95,
-                    spacing=spacing,
-                )[0, 0]
-            )
-        result[f"hd95_{name.lower()}"] = hd95
-    return result
+    row = metrics_table({"case": region_case_results(pred, label, regions)}, regions)[0]
+    return {name: value for name, value in row.items() if name != "case_id"}
 
 
 class BraTSMetricsReport:
-    """Evaluator handler collecting per-case Dice and HD95 per region, written as a CSV with a mean row.
+    """Evaluator handler scoring each case with the official BraTS metrics, written as a CSV with summary rows.
 
     The evaluator's post-processed output must hold, per case, ``pred`` and ``label`` as region channels
-    (``scripts.brats_regions.LabelToRegionsd``); the ``case_id`` is read from the (decollated) input batch.
-    When the run completes, the table is printed and the CSV is written to ``output_dir/filename`` in one atomic
-    step, so an interrupted evaluation never leaves a partial file where a previous good one was. In a distributed
-    run (``torch.distributed`` initialised) every process's rows are gathered and rank 0 alone writes them.
+    (``scripts.brats_regions.LabelToRegionsd``); the ``case_id`` is read from the (decollated) input batch. Each
+    case is scored by ``brats-evaluation`` (:func:`region_case_results`): per region, legacy Dice and HD95,
+    lesion-wise Dice and HD95 and the lesion counts. When the run completes, the rows and the mean, std and
+    median rows of the package's parser (``scripts.official_metrics.metrics_table``) are printed as a table and
+    written, at full precision, to the CSV ``output_dir/filename`` in one atomic step, so an interrupted
+    evaluation never leaves a partial file where a previous good one was. In a distributed run
+    (``torch.distributed`` initialised) every process's results are gathered and rank 0 alone writes them.
 
     Args:
         output_dir: folder of the CSV, created if needed.
@@ -95,7 +97,7 @@ class BraTSMetricsReport:
         self.regions = region_names(num_classes)
         self.filename = filename
         self.logger = logging.getLogger(name)
-        self.rows: list[dict[str, Any]] = []
+        self.results: list[tuple[str, dict[str, dict[str, Any]]]] = []
 
     def attach(self, engine: Engine) -> None:
         """Register the handler's events on an evaluator.
@@ -113,53 +115,64 @@ class BraTSMetricsReport:
         return os.path.join(self.output_dir, self.filename)
 
     def _reset(self, engine: Engine) -> None:
-        self.rows = []
+        self.results = []
 
     def _collect(self, engine: Engine) -> None:
         for data, output in zip(engine.state.batch, engine.state.output):
-            metrics = case_metrics(output["pred"], output["label"], self.regions)
-            self.rows.append({"case_id": data["case_id"], **metrics})
+            case_id = str(data["case_id"])
+            self.results.append((case_id, region_case_results(output["pred"], output["label"], self.regions, case_id)))
 
-    def _gather(self) -> list[dict[str, Any]] | None:
-        """Every process's rows on rank 0 (None on the other ranks); the local rows when not distributed."""
+    def _gather(self) -> list[tuple[str, dict[str, dict[str, Any]]]] | None:
+        """Every process's results on rank 0 (None on the other ranks); the local ones when not distributed."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return self.rows
-        gathered: list[list[dict[str, Any]]] = [[] for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather_object(gathered, self.rows)
+            return self.results
+        gathered: list[list[tuple[str, dict[str, dict[str, Any]]]]] = [
+            [] for _ in range(torch.distributed.get_world_size())
+        ]
+        torch.distributed.all_gather_object(gathered, self.results)
         if torch.distributed.get_rank() != 0:
             return None
-        return [row for rows in gathered for row in rows]
+        return [result for results in gathered for result in results]
 
     def _write(self, engine: Engine) -> None:
-        rows = self._gather()
-        if rows is None:  # another rank writes
+        results = self._gather()
+        if results is None:  # another rank writes
             return
-        if not rows:
+        if not results:
             raise RuntimeError("BraTSMetricsReport: the evaluation produced no case, nothing to report.")
+        rows = metrics_table(dict(sorted(results)), self.regions)
         columns = list(rows[0])
-        rows = sorted(rows, key=lambda r: r["case_id"])
-        mean = {"case_id": "mean", **{c: float(np.mean([r[c] for r in rows])) for c in columns[1:]}}
         os.makedirs(self.output_dir, exist_ok=True)
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
             writer.writeheader()
-            for row in rows + [mean]:
-                writer.writerow({c: row[c] if c == "case_id" else f"{row[c]:.4f}" for c in columns})
-        self.logger.info("\n%s\nper-case metrics written to %s", format_table(rows + [mean], columns), self.path)
+            writer.writerows(rows)
+        self.logger.info("\n%s\nper-case metrics written to %s", format_table(rows, columns), self.path)
+
+
+_COUNT_PREFIXES = ("lesion_tp_", "lesion_fp_", "lesion_fn_")
+
+
+def _format_value(column: str, value: float) -> str:
+    if column.startswith(_COUNT_PREFIXES) and math.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.4f}"
 
 
 def format_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
-    """Format metric rows as a fixed-width text table.
+    """Format metric rows as a fixed-width text table (4 decimals; whole lesion counts without).
 
     Args:
-        rows: one dict per row, with ``case_id`` and float metric values.
+        rows: one dict per row, with ``case_id`` and float metric values (NaN and infinity allowed).
         columns: column order.
 
     Returns:
         the table as text.
     """
     width = max(len("case_id"), *(len(str(r["case_id"])) for r in rows))
-    lines = ["  ".join([f"{'case_id':<{width}}"] + [f"{c:>8}" for c in columns[1:]])]
+    cells = {c: max(8, len(c)) for c in columns[1:]}
+    lines = ["  ".join([f"{'case_id':<{width}}"] + [f"{c:>{cells[c]}}" for c in columns[1:]])]
     for r in rows:
-        lines.append("  ".join([f"{r['case_id']:<{width}}"] + [f"{r[c]:8.4f}" for c in columns[1:]]))
+        values = [f"{_format_value(c, r[c]):>{cells[c]}}" for c in columns[1:]]
+        lines.append("  ".join([f"{r['case_id']:<{width}}"] + values))
     return "\n".join(lines)

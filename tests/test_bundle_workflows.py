@@ -64,7 +64,7 @@ def test_teacher_training_through_the_bundle_runner_keeps_the_best_teacher(teach
     assert written == {"teacher.pt", "teacher_last.pt"}  # the deployed student's model.pt is not touched
 
 
-def test_evaluation_writes_one_row_per_case_and_a_mean_row(teacher_run, synthetic_dir):
+def test_evaluation_writes_one_row_per_case_and_the_summary_rows(teacher_run, synthetic_dir):
     root, *_ = teacher_run
     result = run_bundle(
         "evaluating", "--config_file", TEACHER_AND_EVALUATE, "--bundle_root", str(root), "--dataset_dir",
@@ -72,11 +72,11 @@ def test_evaluation_writes_one_row_per_case_and_a_mean_row(teacher_run, syntheti
     )  # fmt: skip
     with open(root / "eval" / "metrics_all.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["case_id"] for r in rows] == [f"SynBraTS_{i:03d}" for i in range(4)] + ["mean"]
-    for row in rows:
+    assert [r["case_id"] for r in rows] == [f"SynBraTS_{i:03d}" for i in range(4)] + ["mean", "std", "median"]
+    for row in rows[:4]:  # every synthetic case has every region, so no metric is NaN
         for region in ("wt", "tc", "et"):
-            assert 0.0 <= float(row[f"dice_{region}"]) <= 1.0
-            assert float(row[f"hd95_{region}"]) >= 0.0
+            assert 0.0 <= float(row[f"dice_{region}"]) <= 1.0 and 0.0 <= float(row[f"lesion_dice_{region}"]) <= 1.0
+            assert float(row[f"hd95_{region}"]) >= 0.0 and float(row[f"lesion_hd95_{region}"]) >= 0.0
     assert "SynBraTS_003" in result.stdout + result.stderr  # the table is printed too
 
 
@@ -87,7 +87,7 @@ def test_evaluation_of_the_default_test_split_uses_held_out_patients(teacher_run
         str(synthetic_dir), "--infer_batch_size", "16",
     )  # fmt: skip
     with open(root / "eval" / "metrics_test.csv") as f:
-        case_ids = [r["case_id"] for r in csv.DictReader(f)][:-1]
+        case_ids = [r["case_id"] for r in csv.DictReader(f)][:-3]  # without the mean, std and median rows
     assert len(case_ids) == 1  # 4 patients: 1 test, 1 validation, 2 training
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -13,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.data import MetaTensor
 from monai.transforms import Compose, SaveImaged
 
 from scripts.brats_data import BraTSDataError, find_cases
+from scripts.brats_output import ToReleaseLabelsd, output_postfix
 from scripts.separable_unet import SeparableUNet
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -142,3 +145,40 @@ def test_single_channel_file_not_named_like_brats_is_rejected(tmp_path):
         monai_label_style_pipeline(bundle)(str(tmp_path / "scan.nii.gz"))
     assert isinstance(error.value.__cause__, BraTSDataError)
     assert "scan.nii.gz is neither named like a BraTS sequence file" in str(error.value.__cause__)
+
+
+def test_challenge_convention_writes_what_the_official_command_line_scores(tmp_path, make_brats_folder):
+    bundle = constant_student(tmp_path / "bundle", 3)  # enhancing tumour everywhere
+    data = make_brats_folder(tmp_path / "brats2023", "brats2023", num_cases=2)
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+         "--bundle_root", str(bundle), "--dataset_dir", str(data), "--output_dir", str(out),
+         "--output_convention", "challenge"],
+        cwd=BUNDLE_ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    cases = find_cases(data)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c['case_id']}.nii.gz" for c in cases)
+    references = tmp_path / "references"  # the official tool reads one folder of reference files
+    references.mkdir()
+    for case in cases:
+        (references / Path(case["label"]).name).write_bytes(Path(case["label"]).read_bytes())
+    summary = tmp_path / "summary.json"
+    subprocess.run(
+        [sys.executable, "-m", "brats_evaluation.evaluation", "--ref_path", str(references), "--pred_path", str(out),
+         "--config", "gli", "--summary_json", str(summary)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    scored = json.loads(summary.read_text())
+    assert scored["missings"] == []
+    assert sorted(m["subject_name"] for m in scored["metrics"]) == sorted(Path(c["label"]).name for c in cases)
+    assert all(m["et"]["global_bin_volume_pred"] == 16 * 16 * 8 for m in scored["metrics"])  # ET written as 3
+
+
+def test_challenge_convention_writes_brats2023_label_values_and_no_name_postfix_whatever_the_release():
+    image = MetaTensor(torch.zeros(1, 4, 1, 1), meta={"brats_layout": "brats2020"})
+    internal = torch.tensor([0, 1, 2, 3], dtype=torch.uint8).reshape(1, 4, 1, 1)
+    for convention, values in ((None, [0, 1, 2, 4]), ("challenge", [0, 1, 2, 3])):
+        written = ToReleaseLabelsd("pred", convention)({"image": image, "pred": internal})["pred"]
+        assert written.flatten().tolist() == values
+    assert (output_postfix("challenge"), output_postfix(None), output_postfix("brats2023")) == ("", "seg", "seg")

@@ -5,13 +5,13 @@ import csv
 import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
 
-from scripts.brats_regions import labels_to_regions, region_names
+from scripts.brats_regions import labels_to_regions, region_names, regions_to_labels
 from scripts.metrics_report import BraTSMetricsReport, case_metrics
+from scripts.official_metrics import METRIC_COLUMNS, SUMMARY_ROWS, evaluate_case, metrics_table
 
 
 def test_regions_follow_brats_definitions_of_internal_labels():
@@ -36,25 +36,45 @@ def cube(shape, start, stop):
     return volume
 
 
-def test_case_metrics_match_hand_computed_dice_and_hd95_in_mm():
+def test_region_channels_convert_back_to_the_internal_labels():
+    label = torch.tensor([0, 1, 2, 3, 0, 3]).reshape(1, 6, 1, 1)
+    assert torch.equal(regions_to_labels(labels_to_regions(label, 4)), label.to(torch.uint8))
+    assert regions_to_labels(labels_to_regions(label > 0, 2)).flatten().tolist() == [0, 1, 1, 1, 0, 1]
+
+
+def test_case_metrics_are_the_official_ones_of_the_label_maps_with_the_voxel_size():
     shape = (20, 20, 20)
-    label = cube(shape, (5, 5, 5), (10, 10, 10))[None]
-    pred = cube(shape, (5, 5, 7), (10, 10, 12))[None]  # shifted by 2 voxels along z
-    spacing = np.diag([2.0, 2.0, 2.0, 1.0])
-    metrics = case_metrics(pred, MetaTensor(label, affine=torch.tensor(spacing)), ("WT",))
-    assert metrics["dice_wt"] == pytest.approx(2 * 75 / 250)
-    assert metrics["hd95_wt"] == pytest.approx(4.0)  # 2 voxels of 2 mm
+    label = torch.zeros(1, *shape, dtype=torch.uint8)
+    label[0, 5:12, 5:12, 5:12] = 2
+    label[0, 7:10, 7:10, 7:10] = 3
+    pred = torch.roll(label, 2, dims=3)  # shifted by 2 voxels along z
+    spacing = (3.0, 3.0, 3.0)
+    metrics = case_metrics(
+        labels_to_regions(pred, 4),
+        MetaTensor(labels_to_regions(label, 4), affine=torch.diag(torch.tensor([*spacing, 1.0]))),
+        region_names(4),
+    )
+    rows = metrics_table({"case": evaluate_case(pred, label, "internal", spacing)})
+    assert metrics == {name: value for name, value in rows[0].items() if name != "case_id"}
+    assert metrics["dice_wt"] == pytest.approx(2 * 7 * 7 * 5 / (2 * 7**3))
+    # lesion-wise HD95 is in mm (3 mm voxels, from the label's affine); the package's legacy HD95 is in voxels
+    assert (metrics["hd95_wt"], metrics["lesion_hd95_wt"]) == (2.0, 6.0)
 
 
-def test_empty_regions_follow_the_brats_convention():
-    shape = (10, 10, 10)
-    empty = torch.zeros(1, *shape)
-    tumour = cube(shape, (2, 2, 2), (5, 5, 5))[None]
-    both_empty = case_metrics(empty, empty, ("ET",))
-    assert both_empty == {"dice_et": 1.0, "hd95_et": 0.0}
-    missed = case_metrics(empty, tumour, ("ET",))
-    assert missed["dice_et"] == 0.0
-    assert missed["hd95_et"] == pytest.approx(math.sqrt(3 * 10**2))
+def test_a_region_empty_in_both_is_nan_and_a_missed_one_is_penalised():
+    shape = (1, 10, 10, 10)
+    empty = torch.zeros(shape)
+    tumour = torch.zeros(shape)
+    tumour[0, 2:5, 2:5, 2:5] = 1
+    both_empty = case_metrics(empty, empty, ("WT",))
+    assert math.isnan(both_empty["dice_wt"]) and math.isnan(both_empty["hd95_wt"])
+    missed = case_metrics(empty, tumour, ("WT",))
+    assert (missed["dice_wt"], missed["hd95_wt"], missed["lesion_fn_wt"]) == (0.0, 373.0, 1.0)
+
+
+def test_regions_other_than_the_tasks_are_refused():
+    with pytest.raises(ValueError, match="region channels"):
+        case_metrics(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), ("ET",))
 
 
 def test_report_writes_one_row_per_case_and_a_mean_row(tmp_path):
@@ -75,10 +95,11 @@ def test_report_writes_one_row_per_case_and_a_mean_row(tmp_path):
     report._write(engine)
     with open(report.path) as f:
         rows = list(csv.DictReader(f))
-    assert [r["case_id"] for r in rows] == ["case_a", "case_b", "mean"]
-    assert list(rows[0]) == ["case_id", "dice_wt", "dice_tc", "dice_et", "hd95_wt", "hd95_tc", "hd95_et"]
+    assert [r["case_id"] for r in rows] == ["case_a", "case_b", *SUMMARY_ROWS]
+    assert list(rows[0]) == ["case_id"] + [f"{m}_{r}" for m in METRIC_COLUMNS for r in ("wt", "tc", "et")]
     assert float(rows[1]["dice_wt"]) == 1.0 and float(rows[0]["dice_wt"]) == 0.0
-    assert float(rows[2]["dice_wt"]) == 0.5
+    assert float(rows[0]["hd95_et"]) == 373.0 and float(rows[1]["lesion_tp_tc"]) == 1.0
+    assert float(rows[2]["dice_wt"]) == 0.5 and float(rows[4]["dice_wt"]) == 0.5  # mean and median
     assert not [p for p in (tmp_path / "eval").iterdir() if p.name.endswith(".tmp")]
 
 
