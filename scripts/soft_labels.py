@@ -11,7 +11,9 @@ case per run instead of one per patch per epoch.
 On disk (``cache_dir``) each case is one ``<case_id>.pt`` file holding float16 probabilities of the brain's bounding
 box (plus ``margin`` voxels) and of one all-background slice, which fills the rest of the volume when it is read
 back. A file is reused only when its fingerprint (teacher weights, temperature, mode and the preprocessed image) is
-the one of the current run; otherwise the teacher runs again and the file is replaced atomically.
+the one of the current run; otherwise the teacher runs again and the file is replaced atomically (each computation
+is logged, naming the case). With one training process per GPU each process caches only its own share of the cases
+(``scripts.distributed.PartitionedCacheDataset``), so the teacher runs once per case, not once per case and process.
 
 Probabilities rather than logits are stored because zero is then "no target": voxels that a rotation or padding
 brings in from outside the image get all-zero probabilities, which contribute nothing to the KL term
@@ -22,6 +24,7 @@ target. Bilinear interpolation of probabilities also stays a probability distrib
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -114,6 +117,7 @@ class TeacherSoftLabelsd(MapTransform):
         self.device = next(teacher.parameters()).device
         self.amp = amp and self.device.type == "cuda"
         self._teacher_fingerprint = state_dict_fingerprint(teacher)
+        self.logger = logging.getLogger(type(self).__name__)
 
     def _fingerprint(self, image: torch.Tensor) -> str:
         digest = hashlib.sha1(f"{self._teacher_fingerprint}:{self.temperature}:{self.mode}".encode())
@@ -179,6 +183,7 @@ class TeacherSoftLabelsd(MapTransform):
             os.makedirs(self.cache_dir, exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save(record, tmp)
+            self.logger.info(f"case {case_id}: teacher soft labels computed, cached in {path}")
         probs = self._expand(record)
         d[self.soft_label_key] = MetaTensor(probs, meta=dict(meta)) if isinstance(image, MetaTensor) else probs
         return d

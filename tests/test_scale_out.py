@@ -28,7 +28,7 @@ from scripts.synthetic_brats import write_synthetic_dataset
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 QUICK = "--patch_size 32 --patches_per_case 2 --batch_size 1 --infer_batch_size 16".split()
 NARROW = ["--network_def#channels", "[8,16,32,64,128]"]
-DISTILL = "configs/distill.json"
+DISTILL = "['configs/train.json','configs/distill.json']"
 TEACHER = "['configs/train.json','configs/teacher.json']"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -37,8 +37,28 @@ def bundle_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "monai.bundle", "run", *args]
 
 
-def run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=BUNDLE_ROOT, capture_output=True, text=True, env=ENV)
+def torchrun_command(*args: str) -> list[str]:
+    """``torchrun --nproc_per_node=2 -m monai.bundle run ARGS``: two gloo processes on the CPU."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "monai.bundle", "run", *args]
+
+
+def config_list(*names: str) -> str:
+    return "[" + ",".join(f"'configs/{name}'" for name in names) + "]"
+
+
+def run(command: list[str], check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``command`` in the bundle root; a run still going after ``timeout`` s is killed with its children."""
+    process = subprocess.Popen(
+        command, cwd=BUNDLE_ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{command} did not finish within {timeout} s (deadlock?):\n{stdout[-3000:]}\n{stderr[-3000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         pytest.fail(f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -46,12 +66,12 @@ def run(command: list[str], check: bool = True) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> tuple[Path, Path]:
-    """5 synthetic cases and a datalist: 3 training, 2 validation cases (one per process of a 2-process run)."""
+    """6 synthetic cases and a datalist: 4 training cases, 2 validation and test cases (2 per process of 2)."""
     root = tmp_path_factory.mktemp("data")
-    write_synthetic_dataset(root / "cases", num_cases=5, shape=(32, 32, 16))
-    ids = [f"SynBraTS_{i:03d}" for i in range(5)]
+    write_synthetic_dataset(root / "cases", num_cases=6, shape=(32, 32, 16))
+    ids = [f"SynBraTS_{i:03d}" for i in range(6)]
     datalist = root / "datalist.json"
-    datalist.write_text(json.dumps({"training": ids[:3], "validation": ids[3:], "test": ids[3:]}))
+    datalist.write_text(json.dumps({"training": ids[:4], "validation": ids[4:], "test": ids[4:]}))
     return root / "cases", datalist
 
 
@@ -79,26 +99,99 @@ def scalars(log_dir: Path, tag: str) -> list[tuple[int, float]]:
     return values
 
 
-def test_two_process_distillation_matches_a_single_process_evaluation(data, tmp_path):
-    bundle = bundle_with_teacher(tmp_path / "bundle")
-    command = bundle_command("training", "--config_file", f"['{DISTILL}','configs/multi_gpu_distill.json']")
-    command += ["--bundle_root", str(bundle), *data_args(data), "--epochs", "1", *QUICK]
-    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *command[1:]])
-    # rank 0 alone wrote the checkpoints and logs; models/model.pt is the plain student
+@pytest.fixture(scope="module")
+def two_process_distillation(data, tmp_path_factory) -> tuple[Path, str]:
+    """The README's multi-GPU distillation run with 2 gloo processes: its bundle root and its output."""
+    bundle = bundle_with_teacher(tmp_path_factory.mktemp("distributed") / "bundle")
+    result = run(
+        torchrun_command("training", "--config_file", config_list("train.json", "distill.json", "multi_gpu_train.json"),
+                         "--bundle_root", str(bundle), *data_args(data), "--epochs", "1", *QUICK), timeout=300,
+    )  # fmt: skip
+    return bundle, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_two_process_distillation_runs_to_the_end_and_rank_0_alone_writes(two_process_distillation):
+    bundle, _ = two_process_distillation
+    # models/model.pt is the plain student (no DistributedDataParallel prefix)
     SeparableUNet(3, 4).load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
     assert len({f.name.split(".")[-2] for f in (bundle / "runs" / "distill").glob("events.out.tfevents.*")}) == 1
     assert len(list((bundle / "runs" / "distill").glob("events.out.tfevents.*"))) == 3  # train, val, teacher val
-    [(epoch, distributed_dice)] = scalars(bundle / "runs" / "distill", "val_mean_dice")
+    [(epoch, _)] = scalars(bundle / "runs" / "distill", "val_mean_dice")
     assert epoch == 1
-    run(
-        bundle_command("evaluating", "--config_file", f"['{DISTILL}','configs/evaluate.json']", "--bundle_root",
-                       str(bundle), *data_args(data), "--eval_split", "validation", "--infer_batch_size", "16")
-    )  # fmt: skip
-    with open(bundle / "eval" / "metrics_validation.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [r["case_id"] for r in rows] == ["SynBraTS_003", "SynBraTS_004", "mean"]
-    single_dice = np.mean([float(rows[-1][f"dice_{r}"]) for r in ("wt", "tc", "et")])
+
+
+@pytest.mark.slow
+def test_two_process_distillation_computes_each_training_case_soft_labels_once(two_process_distillation):
+    bundle, output = two_process_distillation
+    computed = re.findall(r"case (SynBraTS_\d+): teacher soft labels computed", output)
+    # each process computed its own share (2 of the 4 training cases), not every case
+    assert sorted(computed) == [f"SynBraTS_{i:03d}" for i in range(4)]
+    assert sorted(p.name for p in (bundle / "cache" / "soft_labels").iterdir()) == [
+        f"SynBraTS_{i:03d}.pt" for i in range(4)
+    ]  # and no temporary file is left
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_writes_what_one_process_writes(two_process_distillation, data, tmp_path):
+    bundle, output = two_process_distillation
+    [(_, distributed_dice)] = scalars(bundle / "runs" / "distill", "val_mean_dice")
+    evaluate = ["--config_file", config_list("train.json", "distill.json", "evaluate.json")]
+    common = ["--bundle_root", str(bundle), *data_args(data), "--eval_split", "validation", "--infer_batch_size", "16"]
+    run(bundle_command("evaluating", *evaluate, *common, "--output_dir", str(tmp_path / "single")))
+    evaluate[-1] = config_list("train.json", "distill.json", "evaluate.json", "multi_gpu_evaluate.json")
+    run(torchrun_command("evaluating", *evaluate, *common, "--output_dir", str(tmp_path / "two")), timeout=300)
+    rows = {}
+    for name in ("single", "two"):
+        with open(tmp_path / name / "metrics_validation.csv") as f:
+            rows[name] = list(csv.DictReader(f))
+    assert [r["case_id"] for r in rows["two"]] == ["SynBraTS_004", "SynBraTS_005", "mean", "std", "median"]
+    assert rows["two"] == rows["single"]
+    # the 2-process validation of the distillation run scored the same cases with the same network
+    single_dice = np.mean([float(rows["single"][-3][f"dice_{r}"]) for r in ("wt", "tc", "et")])
     assert distributed_dice == pytest.approx(single_dice, abs=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("configs", [("train.json", "teacher.json"), ("train.json",)], ids=["teacher", "student"])
+def test_two_process_supervised_training_runs_to_the_end(data, tmp_path, configs):
+    run(
+        torchrun_command("training", "--config_file", config_list(*configs, "multi_gpu_train.json"), "--bundle_root",
+                         str(tmp_path), *data_args(data), "--epochs", "2", *QUICK, "--teacher_def#channels",
+                         "[8,16,32,64,128]"), timeout=300,
+    )  # fmt: skip
+    name = "teacher" if "teacher.json" in configs else "model"
+    assert {p.name for p in (tmp_path / "models").iterdir()} == {f"{name}.pt", f"{name}_last.pt"}
+    last = torch.load(tmp_path / "models" / f"{name}_last.pt", weights_only=True)
+    assert last["trainer"]["epoch_length"] == 2  # each process: its 2 of the 4 training cases, batch size 1
+    assert last["trainer"]["iteration"] == 2 * 2  # both epochs ran
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "entry, configs, split",
+    [
+        ("training", ("train.json", "multi_gpu_train.json"), "validation"),
+        ("evaluating", ("train.json", "evaluate.json", "multi_gpu_evaluate.json"), "test"),
+    ],
+)
+def test_fewer_cases_than_processes_stops_naming_the_split_and_counts(data, tmp_path, entry, configs, split):
+    ids = [f"SynBraTS_{i:03d}" for i in range(6)]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": ids[:4], "validation": ids[4:5], "test": ids[5:]}))
+    (tmp_path / "models").mkdir()
+    torch.save(SeparableUNet(3, 4).state_dict(), tmp_path / "models" / "model.pt")
+    result = run(
+        torchrun_command(entry, "--config_file", config_list(*configs), "--bundle_root", str(tmp_path),
+                         "--dataset_dir", str(data[0]), "--datalist", str(datalist), "--epochs", "1", *QUICK),
+        check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (
+        f"the {split} split has 1 case(s) for 2 processes: every process needs at least one {split} case"
+        in result.stderr
+    )
+    assert "the dataset length is less than the number of participating ranks" not in result.stderr
 
 
 def test_teacher_training_killed_mid_run_resumes_at_the_next_epoch(data, tmp_path):
@@ -158,7 +251,7 @@ def test_distillation_with_a_fixed_seed_repeats_its_losses_exactly(data, tmp_pat
                            "--epochs", "1", *QUICK)
         )  # fmt: skip
         losses.append(scalars(bundle / "runs" / "distill", "train_loss"))
-    assert len(losses[0]) == 3  # one per training case (batch_size 1)
+    assert len(losses[0]) == 4  # one per training case (batch_size 1)
     assert losses[0] == losses[1]
 
 
