@@ -13,12 +13,15 @@ from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 
 from scripts.brats_data import LABEL_MAPS, BraTSDataError, case_from_file
+from scripts.label_convention import check_label_convention
 
 __all__ = ["LoadBraTSCased", "map_release_labels"]
 
 AFFINE_ATOL = 1e-3
-# a generic multi-channel study (no release) is labelled in the internal convention, which equals BraTS 2023+'s
+# a generic multi-channel study (no release) and every label under label_convention "channel_def" hold the internal
+# values, which metadata.json's channel_def names (and which equal BraTS 2023+'s)
 INTERNAL_LABELS = {0: 0, 1: 1, 2: 2, 3: 3}
+INTERNAL_LABEL_SETS = ("multichannel", "channel_def")
 
 
 def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id: str, path: str) -> np.ndarray:
@@ -26,7 +29,7 @@ def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id
 
     Args:
         label: label volume with the values of ``layout``'s release.
-        layout: one of the keys of ``LABEL_MAPS``, or ``multichannel`` (internal values).
+        layout: one of the keys of ``LABEL_MAPS``, or ``multichannel`` / ``channel_def`` (internal values).
         num_classes: 4 keeps the internal classes, 2 merges every tumour label into whole tumour (1).
         case_id: case id, for error messages.
         path: label file, for error messages.
@@ -39,7 +42,7 @@ def map_release_labels(label: np.ndarray, layout: str, num_classes: int, case_id
     """
     if num_classes not in (2, 4):
         raise BraTSDataError(f"num_classes must be 2 (whole tumour) or 4 (BraTS classes), got {num_classes}.")
-    mapping = INTERNAL_LABELS if layout == "multichannel" else LABEL_MAPS[layout]
+    mapping = INTERNAL_LABELS if layout in INTERNAL_LABEL_SETS else LABEL_MAPS[layout]
     values = np.unique(label)
     unexpected = [int(v) if float(v).is_integer() else float(v) for v in values if v not in mapping]
     if unexpected:
@@ -60,19 +63,26 @@ class LoadBraTSCased(MapTransform):
     The case's sequence files (or the requested channels of a 4D file) are stacked into a channel-first
     ``MetaTensor`` carrying the first file's metadata, plus ``case_id`` and ``brats_layout``. Data holding only a
     file path under the image key (a one-file study, as MONAI Label sends) is first resolved into its case with
-    ``scripts.brats_data.case_from_file``. Every file is checked: readable, same shape and affine as the
-    others, finite voxel values; the label's values must belong to the release's label set and are mapped to the
-    internal convention by :func:`map_release_labels`.
+    ``scripts.brats_data.case_from_file``: its sibling sequence files are found, but its label is always the file
+    under the label key (the label MONAI Label hands over), never a ``seg`` file found next to the study. The
+    loaded data holds the same keys whatever the study's layout (``channel_indices``, which selects an MSD image's
+    channels, is consumed), so studies of different layouts can share a batch. Every file is checked: readable, same
+    shape and affine as the others, finite voxel values; the label's values must belong to the label set of
+    ``label_convention`` and are mapped to the internal convention by :func:`map_release_labels`.
 
     Args:
         keys: the image key and, optionally, the label key, in this order.
         num_classes: 4 for the BraTS classes, 2 for whole tumour.
         modalities: the sequences of a one-file study, in channel order (datalist cases carry their own files).
+        label_convention: ``release`` (labels hold the values of the study's release) or ``channel_def`` (labels
+            hold the values ``channel_def`` names, whatever the release; MONAI Label's), see
+            ``scripts.label_convention``.
         allow_missing_keys: whether a case without a label (inference) is accepted.
 
     Raises:
         BraTSDataError: naming the case and the file, for an unreadable file, a shape or affine mismatch,
             non-finite voxels or unexpected label values.
+        ValueError: if ``label_convention`` is unknown.
     """
 
     def __init__(
@@ -80,11 +90,13 @@ class LoadBraTSCased(MapTransform):
         keys: KeysCollection = ("image", "label"),
         num_classes: int = 4,
         modalities: Sequence[str] = ("flair", "t1ce", "t2"),
+        label_convention: str = "release",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.num_classes = num_classes
         self.modalities = list(modalities)
+        self.label_convention = check_label_convention(label_convention)
         self.reader = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)
 
     def _read(self, path: str, case_id: str) -> MetaTensor:
@@ -135,17 +147,20 @@ class LoadBraTSCased(MapTransform):
         d = dict(data)
         key_iter = self.key_iterator(d)
         image_key = next(key_iter)
-        if "case_id" not in d:  # a one-file study
+        if "case_id" not in d:  # a one-file study: the label is the one handed over, not a sibling seg file
             case = case_from_file(d[image_key], self.modalities)
+            case.pop("label", None)
             d[image_key] = case.pop("image")
             d.update(case)
         source = d[image_key]
         d[image_key] = self._load_image(d, image_key)
+        d.pop("channel_indices", None)
+        label_set = d["layout"] if self.label_convention == "release" else "channel_def"
         for label_key in key_iter:
             path = d[label_key]
             label = self._read(path, d["case_id"])
             self._check_geometry(label, d[image_key], d["case_id"], path, _first_path(source))
-            internal = map_release_labels(label.numpy(), d["layout"], self.num_classes, d["case_id"], path)
+            internal = map_release_labels(label.numpy(), label_set, self.num_classes, d["case_id"], path)
             d[label_key] = MetaTensor(torch.from_numpy(internal), meta=label.meta)
         return d
 

@@ -107,3 +107,40 @@ def test_truncated_file_names_case_and_file(tmp_path, make_brats_folder):
     t1ce.write_bytes(gzip.compress(payload)[:200])
     with pytest.raises(BraTSDataError, match=rf"BraTS20_Training_001.*cannot read.*{t1ce.name}"):
         load_first_case(folder)
+
+
+def one_file_study_with_painted_label(tmp_path, make_brats_folder, layout):
+    """A one-file study and an annotator's label (channel_def values, enhancing 3) unlike the release's own label."""
+    folder = make_brats_folder(tmp_path / layout, layout, num_cases=1)
+    case = find_cases(folder)[0]
+    study = case["image"] if isinstance(case["image"], str) else case["image"][0]
+    painted = np.zeros(SHAPE, np.uint8)
+    painted[:4] = 3
+    painted[4:6] = 1
+    label = tmp_path / "labels" / "final" / "study.nii.gz"
+    label.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(painted, np.diag([-1.0, -1.0, 1.0, 1.0])), label)
+    return study, label, painted
+
+
+@pytest.mark.parametrize("layout", ["brats2020", "brats2023", "msd"])
+def test_one_file_study_loads_the_label_handed_over_not_the_release_file_next_to_it(
+    tmp_path, make_brats_folder, layout
+):
+    study, label, painted = one_file_study_with_painted_label(tmp_path, make_brats_folder, layout)
+    loader = LoadBraTSCased(keys=("image", "label"), label_convention="channel_def")
+    data = loader({"image": str(study), "label": str(label)})
+    np.testing.assert_array_equal(data["label"].numpy()[0], painted)
+    assert "channel_indices" not in data  # the same keys for every layout, so that studies share a batch
+
+
+def test_channel_def_convention_rejects_release_only_values_naming_the_file(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "brats2020", "brats2020", num_cases=1)
+    case = find_cases(folder)[0]
+    with pytest.raises(BraTSDataError, match=r"holds values \[4\] outside the channel_def label set \[0, 1, 2, 3\]"):
+        LoadBraTSCased(keys=("image", "label"), label_convention="channel_def")(case)
+
+
+def test_unknown_label_convention_is_refused():
+    with pytest.raises(ValueError, match=r"label_convention must be one of \('release', 'channel_def'\), got 'msd'"):
+        LoadBraTSCased(label_convention="msd")

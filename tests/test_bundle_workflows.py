@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
+from conftest import AFFINE, write_brats_folder
+from monai.bundle import ConfigParser
 
+from scripts.brats_data import LABEL_MAPS, LAYOUTS
+from scripts.label_convention import MONAI_LABEL_ENVIRONMENT_VARIABLE
 from scripts.separable_unet import SeparableUNet
 from scripts.synthetic_brats import write_synthetic_dataset
 
@@ -171,23 +178,114 @@ monai.bundle.run(
 """
 
 
+def monai_label_train(bundle_root: Path, cases: list[dict]) -> subprocess.CompletedProcess:
+    """``MONAI_LABEL_TRAIN`` in the environment a MONAI Label server exports (``MONAI_LABEL_APP_DIR`` among it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", MONAI_LABEL_ENVIRONMENT_VARIABLE: str(bundle_root.parent)}
+    return subprocess.run(
+        [sys.executable, "-c", MONAI_LABEL_TRAIN, str(bundle_root), str(BUNDLE_ROOT / "configs"), json.dumps(cases)],
+        cwd=bundle_root, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+
+
 def test_monai_label_training_fine_tunes_the_deployed_model_pt(synthetic_dir, tmp_path):
     (tmp_path / "models").mkdir()
     torch.save(SeparableUNet(3, 4).state_dict(), tmp_path / "models" / "model.pt")  # as distill.json writes it
-    # MONAI Label's datalist: one image file per study and its label
-    cases = [
-        {"image": str(synthetic_dir / c / f"{c}_flair.nii.gz"), "label": str(synthetic_dir / c / f"{c}_seg.nii.gz")}
-        for c in sorted(p.name for p in synthetic_dir.iterdir() if p.is_dir())
-    ]
-    result = subprocess.run(
-        [sys.executable, "-c", MONAI_LABEL_TRAIN, str(tmp_path), str(BUNDLE_ROOT / "configs"), json.dumps(cases)],
-        cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+    # MONAI Label's datalist: one image file per study and its label (the synthetic labels: 1/2/4, values that the
+    # channel_def convention does not have, so they are converted into it first, as an annotator's would be)
+    cases = []
+    for c in sorted(p.name for p in synthetic_dir.iterdir() if p.is_dir()):
+        label = np.asanyarray(nib.load(synthetic_dir / c / f"{c}_seg.nii.gz").dataobj)
+        submitted = tmp_path / "labels" / "final" / f"{c}_flair.nii.gz"
+        save_label(np.where(label == 4, 3, label), submitted, nib.load(synthetic_dir / c / f"{c}_seg.nii.gz").affine)
+        cases.append({"image": str(synthetic_dir / c / f"{c}_flair.nii.gz"), "label": str(submitted)})
+    result = monai_label_train(tmp_path, cases)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert f"Restored all variables from {tmp_path / 'models' / 'model.pt'}" in output
     SeparableUNet(3, 4).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
     assert not (tmp_path / "models" / "teacher.pt").exists()
+
+
+def save_label(label: np.ndarray, path: Path, affine: np.ndarray = AFFINE) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), str(path))
+    return path
+
+
+def painted_label(shape: tuple[int, int, int]) -> np.ndarray:
+    """An annotator's label in channel_def's values, unlike any release's file: one slab per class along x."""
+    label = np.zeros(shape, np.uint8)
+    for value, start in ((1, 2), (2, 5), (3, 9)):  # necrotic core, edema, enhancing (value 3 even on 2020 studies)
+        label[start : start + 2, 3:-3, 2:-2] = value
+    return label
+
+
+def monai_label_studies(tmp_path: Path) -> dict[str, tuple[Path, Path]]:
+    """One-file studies of every layout, each with a painted label in labels/final/, as MONAI Label stores them.
+
+    Every study also has its release's own label file next to it (``<case>_seg.nii.gz``, ``labelsTr/``), different
+    from the painted one.
+    """
+    folders = {layout: write_brats_folder(tmp_path / layout, layout, num_cases=1) for layout in LAYOUTS}
+    studies = {
+        "brats2020": next(folders["brats2020"].glob("*/*_t1ce.nii.gz")),
+        "brats2023": next(folders["brats2023"].glob("*/*-t2f.nii.gz")),
+        "msd": next(folders["msd"].glob("imagesTr/*.nii.gz")),
+    }
+    final = tmp_path / "studies" / "labels" / "final"
+    return {
+        layout: (study, save_label(painted_label((16, 16, 8)), final / f"{layout}_{study.name}"))
+        for layout, study in studies.items()
+    }
+
+
+def monai_label_validation_data(bundle_root: Path, pairs: list[dict]) -> list[dict]:
+    """``validate#dataset`` of configs/train.json with MONAI Label's overrides, in a MONAI Label environment."""
+    parser = ConfigParser()
+    parser.read_config(BUNDLE_ROOT / "configs" / "train.json")
+    parser.update({"bundle_root": str(bundle_root), "validate#dataset#data": pairs})
+    return [parser.get_parsed_content("validate#dataset")[i] for i in range(len(pairs))]
+
+
+def class_counts(label: np.ndarray) -> dict[int, int]:
+    values, counts = np.unique(label, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts) if v != 0}
+
+
+def test_monai_label_trains_on_the_submitted_label_in_channel_def_values_for_every_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv(MONAI_LABEL_ENVIRONMENT_VARIABLE, str(tmp_path / "app"))  # as monailabel start_server does
+    studies = monai_label_studies(tmp_path)
+    pairs = [{"image": str(study), "label": str(label)} for study, label in studies.values()]
+    for (layout, (study, label)), data in zip(studies.items(), monai_label_validation_data(tmp_path, pairs)):
+        sibling = study.parent / study.name.replace("t1ce", "seg").replace("t2f", "seg")
+        if layout == "msd":
+            sibling = study.parent.parent / "labelsTr" / study.name
+        submitted = class_counts(np.asanyarray(nib.load(label).dataobj))
+        assert class_counts(np.asanyarray(nib.load(sibling).dataobj)) != submitted  # a different label is next to it
+        # the loaded label is the submitted one, its values unchanged: those channel_def names (3 enhancing, ...)
+        assert class_counts(data["label"].numpy()) == submitted, layout
+
+
+def test_label_conventions_of_channel_def_are_the_internal_classes():
+    metadata = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
+    channel_def = metadata["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert {int(k): v for k, v in channel_def.items()} == {
+        0: "background", 1: "necrotic and non-enhancing tumour core", 2: "peritumoral edema", 3: "enhancing tumour"
+    }  # fmt: skip
+    assert LABEL_MAPS["brats2023"] == {v: v for v in range(4)}  # the internal classes, as BraTS 2023+ numbers them
+
+
+def test_monai_label_trains_on_studies_of_every_layout_in_one_batch(tmp_path):
+    (tmp_path / "bundle" / "models").mkdir(parents=True)
+    torch.save(SeparableUNet(3, 4).state_dict(), tmp_path / "bundle" / "models" / "model.pt")
+    studies = monai_label_studies(tmp_path)
+    cases = [{"image": str(study), "label": str(label)} for study, label in studies.values()]
+    # training: an MSD 4D study and a BraTS 2020 study in the one batch (batch_size 2); validation: BraTS 2023
+    result = monai_label_train(tmp_path / "bundle", [cases[2], cases[0], cases[1]])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "val_mean_dice" in output
+    SeparableUNet(3, 4).load_state_dict(torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True))
 
 
 def test_binary_whole_tumour_task_trains_a_two_class_network(synthetic_dir, tmp_path):

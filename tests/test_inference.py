@@ -19,6 +19,7 @@ from monai.transforms import Compose, SaveImaged
 
 from scripts.brats_data import BraTSDataError, find_cases
 from scripts.brats_output import ToReleaseLabelsd, output_postfix
+from scripts.label_convention import MONAI_LABEL_ENVIRONMENT_VARIABLE
 from scripts.separable_unet import SeparableUNet
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -80,11 +81,17 @@ def test_output_convention_override_writes_internal_labels(tmp_path, make_brats_
     assert np.unique(np.asanyarray(written.dataobj)).tolist() == [3]
 
 
-def monai_label_style_pipeline(bundle: Path):
+@pytest.fixture
+def monai_label_environment(tmp_path, monkeypatch) -> None:
+    """The environment of a MONAI Label server: ``monailabel start_server`` exports ``MONAI_LABEL_APP_DIR``."""
+    monkeypatch.setenv(MONAI_LABEL_ENVIRONMENT_VARIABLE, str(tmp_path / "app"))
+
+
+def monai_label_style_pipeline(bundle: Path, **overrides: str):
     """What MONAI Label runs: the config's preprocessing, inferer and network, postprocessing minus SaveImaged."""
     parser = ConfigParser()
     parser.read_config(BUNDLE_ROOT / "configs" / "inference.json")
-    parser["bundle_root"] = str(bundle)
+    parser.update({"bundle_root": str(bundle), **overrides})
     parser["device"] = "$torch.device('cpu')"
     network = parser.get_parsed_content("network_def")
     network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
@@ -102,7 +109,9 @@ def monai_label_style_pipeline(bundle: Path):
 
 
 @pytest.mark.parametrize("layout, sequence", [("brats2020", "t1ce"), ("brats2023", "t2f")])
-def test_one_file_study_finds_its_sibling_sequences(tmp_path, make_brats_folder, layout, sequence):
+def test_one_file_study_finds_its_sibling_sequences(
+    tmp_path, make_brats_folder, monai_label_environment, layout, sequence
+):
     bundle = constant_student(tmp_path / "bundle", 3)
     data = make_brats_folder(tmp_path / layout, layout, num_cases=1, shape=(20, 24, 8))
     study = next(data.glob(f"*/*{sequence}.nii.gz"))
@@ -111,10 +120,36 @@ def test_one_file_study_finds_its_sibling_sequences(tmp_path, make_brats_folder,
     assert pred.dtype == torch.uint8
     assert tuple(pred.shape) == (1, 20, 24, 8)
     np.testing.assert_allclose(pred.affine.numpy(), nib.load(study).affine)
-    assert torch.unique(pred).tolist() == [4 if layout == "brats2020" else 3]
+    assert torch.unique(pred).tolist() == [3]  # enhancing, as channel_def names it, for BraTS 2020 (4) too
 
 
-def test_one_file_study_accepts_a_multichannel_nifti(tmp_path):
+@pytest.mark.parametrize(
+    "layout, internal_class", [("brats2020", 3), ("brats2023", 3), ("msd", 1), ("msd", 2)]
+)  # 2020's enhancing is 4 and MSD's core and edema are 2 and 1 in their releases
+def test_monai_label_gets_labels_in_the_values_channel_def_names_for_every_layout(
+    tmp_path, make_brats_folder, monai_label_environment, layout, internal_class
+):
+    bundle = constant_student(tmp_path / "bundle", internal_class)
+    data = make_brats_folder(tmp_path / layout, layout, num_cases=1, labels_present=False)
+    study = first_file(find_cases(data, require_label=False)[0])
+    pred = monai_label_style_pipeline(bundle)(study)["pred"]
+    names = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]
+    expected_name = {1: "necrotic and non-enhancing tumour core", 2: "peritumoral edema", 3: "enhancing tumour"}
+    [value] = torch.unique(pred).tolist()
+    assert names["pred"]["channel_def"][str(value)] == expected_name[internal_class]
+
+
+def test_label_convention_release_keeps_release_values_in_a_monai_label_environment(
+    tmp_path, make_brats_folder, monai_label_environment
+):
+    bundle = constant_student(tmp_path / "bundle", 3)
+    data = make_brats_folder(tmp_path / "brats2020", "brats2020", num_cases=1, labels_present=False)
+    study = first_file(find_cases(data, require_label=False)[0])
+    pred = monai_label_style_pipeline(bundle, label_convention="release")(study)["pred"]
+    assert torch.unique(pred).tolist() == [4]
+
+
+def test_one_file_study_accepts_a_multichannel_nifti(tmp_path, monai_label_environment):
     bundle = constant_student(tmp_path / "bundle", 2)
     affine = np.diag([-1.0, -1.0, 2.0, 1.0])
     image = np.random.default_rng(0).normal(100, 10, (16, 32, 6, 3)).astype(np.float32)

@@ -28,6 +28,7 @@ from scripts.synthetic_brats import write_synthetic_dataset
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 QUICK = "--patch_size 32 --patches_per_case 2 --batch_size 1 --infer_batch_size 16".split()
 NARROW = ["--network_def#channels", "[8,16,32,64,128]"]
+NARROW_TEACHER = ["--teacher_def#channels", "[8,16,32,64,128]"]  # teacher.json's network_def is @teacher_def
 DISTILL = "['configs/train.json','configs/distill.json']"
 TEACHER = "['configs/train.json','configs/teacher.json']"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -157,8 +158,7 @@ def test_two_process_evaluation_writes_what_one_process_writes(two_process_disti
 def test_two_process_supervised_training_runs_to_the_end(data, tmp_path, configs):
     run(
         torchrun_command("training", "--config_file", config_list(*configs, "multi_gpu_train.json"), "--bundle_root",
-                         str(tmp_path), *data_args(data), "--epochs", "2", *QUICK, "--teacher_def#channels",
-                         "[8,16,32,64,128]"), timeout=300,
+                         str(tmp_path), *data_args(data), "--epochs", "2", *QUICK, *NARROW_TEACHER), timeout=300,
     )  # fmt: skip
     name = "teacher" if "teacher.json" in configs else "model"
     assert {p.name for p in (tmp_path / "models").iterdir()} == {f"{name}.pt", f"{name}_last.pt"}
@@ -197,7 +197,7 @@ def test_fewer_cases_than_processes_stops_naming_the_split_and_counts(data, tmp_
 def test_teacher_training_killed_mid_run_resumes_at_the_next_epoch(data, tmp_path):
     bundle = tmp_path / "bundle"
     args = ["training", "--config_file", TEACHER, "--bundle_root", str(bundle), *data_args(data)]
-    args += ["--epochs", "6", *QUICK, *NARROW]
+    args += ["--epochs", "6", *QUICK, *NARROW_TEACHER]
     last = bundle / "models" / "teacher_last.pt"
     process = subprocess.Popen(
         bundle_command(*args), cwd=BUNDLE_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
