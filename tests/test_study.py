@@ -55,15 +55,22 @@ def save_last_checkpoint(path: Path, epochs_done: int, max_epochs: int, epoch_le
 
 def test_schedules_train_the_teacher_and_each_student_for_their_epochs():
     cpu, gpu = SCHEDULES["cpu"], SCHEDULES["gpu"]
-    assert (cpu.teacher_epochs, cpu.student_epochs, cpu.val_interval) == (30, 60, 2)
-    assert (gpu.teacher_epochs, gpu.student_epochs, gpu.val_interval) == (100, 100, 1)
     assert [cpu.epochs(model) for model in MODELS] == [30, 60, 60]
+    assert [cpu.val_interval(model) for model in MODELS] == [2, 2, 2]
+    assert [gpu.epochs(model) for model in MODELS] == [100, 100, 100]
+    assert [gpu.val_interval(model) for model in MODELS] == [1, 1, 1]
+    lead = Schedule("lead", teacher_epochs=20, student_epochs=40, teacher_val_interval=10, student_val_interval=4)
+    assert [(lead.epochs(m), lead.val_interval(m)) for m in MODELS] == [(20, 10), (40, 4), (40, 4)]
 
 
-@pytest.mark.parametrize("epochs, val_interval", [(0, 1), (2, 3)])
-def test_a_schedule_that_would_never_validate_or_train_is_refused(epochs, val_interval):
-    with pytest.raises(ValueError, match="schedule 'bad'"):
-        Schedule("bad", teacher_epochs=epochs, student_epochs=10, val_interval=val_interval)
+@pytest.mark.parametrize(
+    "epochs, val_interval, message", [(0, 1, "teacher_epochs must be at least 1"), (2, 3, "the teacher would never")]
+)
+def test_a_schedule_that_would_never_train_or_validate_is_refused(epochs, val_interval, message):
+    with pytest.raises(ValueError, match=f"schedule 'bad': {message}"):
+        Schedule(
+            "bad", teacher_epochs=epochs, student_epochs=10, teacher_val_interval=val_interval, student_val_interval=1
+        )
 
 
 def test_training_commands_are_the_bundle_runs_of_the_study_layout():
@@ -86,6 +93,8 @@ def test_training_commands_are_the_bundle_runs_of_the_study_layout():
     assert (option(alone, "epochs"), option(alone, "ckpt_name")) == ("60", "student_alone.pt")
     assert DefaultParseValue(option(alone, "resume")) is True  # a real bool, as fire hands it to the bundle
 
+    schedule = Schedule("s", teacher_epochs=20, student_epochs=40, teacher_val_interval=10, student_val_interval=4)
+    assert option(training_command(TEACHER, schedule, *data, paths), "val_interval") == "10"
     distilled = training_command(DISTILLED, SCHEDULES["gpu"], *data, paths, overrides={"patch_size": 64})
     assert option(distilled, "teacher_ckpt") == "runs/study_cpu/models/teacher.pt"
     assert option(distilled, "soft_label_dir") == "runs/study_cpu/cache/soft_labels"
@@ -247,7 +256,7 @@ def test_the_study_trains_evaluates_and_reports_then_reruns_as_a_no_op(tmp_path,
     case_ids = write_synthetic_dataset(tmp_path / "data", num_cases=3, shape=(32, 32, 16))
     datalist = tmp_path / "split.json"
     datalist.write_text(json.dumps({"training": case_ids[:1], "validation": case_ids[1:2], "test": case_ids[2:]}))
-    schedule = Schedule("tiny", teacher_epochs=1, student_epochs=1, val_interval=1)
+    schedule = Schedule("tiny", teacher_epochs=1, student_epochs=1, teacher_val_interval=1, student_val_interval=1)
     tiny = {"patch_size": 32, "patches_per_case": 2, "batch_size": 1, "infer_batch_size": 16}
     tiny["teacher_def#channels"] = [8, 16, 32, 64, 128]
     args = (str(tmp_path / "data"), str(tmp_path / "out"), schedule, str(datalist), tiny)

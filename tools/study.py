@@ -112,23 +112,31 @@ class Schedule:
         name: the schedule's name, as given to ``--schedule``.
         teacher_epochs: training epochs of the teacher.
         student_epochs: training epochs of each student (alone and distilled alike).
-        val_interval: epochs between two validations (checkpoint selection) of every training.
+        teacher_val_interval: epochs between two validations (checkpoint selection) of the teacher.
+        student_val_interval: epochs between two validations of each student.
     """
 
     name: str
     teacher_epochs: int
     student_epochs: int
-    val_interval: int
+    teacher_val_interval: int
+    student_val_interval: int
 
     def __post_init__(self) -> None:
-        for field in ("teacher_epochs", "student_epochs", "val_interval"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"schedule {self.name!r}: {field} must be at least 1, got {getattr(self, field)}.")
-        if self.val_interval > min(self.teacher_epochs, self.student_epochs):
-            raise ValueError(
-                f"schedule {self.name!r}: val_interval {self.val_interval} exceeds a training's epochs, which would "
-                "then never be validated and write no best checkpoint."
-            )
+        for field in dataclasses.fields(self)[1:]:
+            if getattr(self, field.name) < 1:
+                raise ValueError(
+                    f"schedule {self.name!r}: {field.name} must be at least 1, got {getattr(self, field.name)}."
+                )
+        for role, epochs, interval in (
+            ("teacher", self.teacher_epochs, self.teacher_val_interval),
+            ("student", self.student_epochs, self.student_val_interval),
+        ):
+            if interval > epochs:
+                raise ValueError(
+                    f"schedule {self.name!r}: the {role} would never be validated (validation every {interval} "
+                    f"epochs, {epochs} epochs) and would write no best checkpoint."
+                )
 
     def epochs(self, model: StudyModel) -> int:
         """Training epochs of one model of the study.
@@ -141,10 +149,21 @@ class Schedule:
         """
         return self.teacher_epochs if model.is_teacher else self.student_epochs
 
+    def val_interval(self, model: StudyModel) -> int:
+        """Epochs between two validations of one model of the study.
+
+        Args:
+            model: the model.
+
+        Returns:
+            ``teacher_val_interval`` for the teacher, ``student_val_interval`` for a student.
+        """
+        return self.teacher_val_interval if model.is_teacher else self.student_val_interval
+
 
 SCHEDULES: dict[str, Schedule] = {
-    "cpu": Schedule("cpu", teacher_epochs=30, student_epochs=60, val_interval=2),
-    "gpu": Schedule("gpu", teacher_epochs=100, student_epochs=100, val_interval=1),
+    "cpu": Schedule("cpu", teacher_epochs=30, student_epochs=60, teacher_val_interval=2, student_val_interval=2),
+    "gpu": Schedule("gpu", teacher_epochs=100, student_epochs=100, teacher_val_interval=1, student_val_interval=1),
 }
 
 
@@ -394,7 +413,7 @@ def training_command(
     """
     ids: dict[str, Any] = _data_ids(dataset_dir, datalist) | {
         "epochs": schedule.epochs(model),
-        "val_interval": schedule.val_interval,
+        "val_interval": schedule.val_interval(model),
         "ckpt_dir": paths.models_dir,
         "ckpt_name": model.ckpt_name,
         "log_dir": paths.tensorboard_dir(model),
@@ -940,8 +959,9 @@ def _markdown(results: dict[str, Any]) -> str:
         "",
         f"Written {results['date_utc']} on {machine['platform']} ({machine['processor']}, {machine['cpu_count']} "
         f"CPUs, {machine['torch_threads']} torch threads). Schedule `{schedule['name']}`: teacher "
-        f"{schedule['teacher_epochs']} epochs, each student {schedule['student_epochs']} epochs, validation every "
-        f"{schedule['val_interval']} epoch(s), best validation checkpoint kept. Data `{results['dataset_dir']}`, "
+        f"{schedule['teacher_epochs']} epochs (validated every {schedule['teacher_val_interval']}), each student "
+        f"{schedule['student_epochs']} epochs (validated every {schedule['student_val_interval']}), best validation "
+        f"checkpoint kept. Data `{results['dataset_dir']}`, "
         f"split `{results['datalist'] or 'seeded (split_seed of configs/train.json)'}`: {split['training']} training, "
         f"{split['validation']} validation, {split['test']} test cases. Command:",
         "",
