@@ -55,8 +55,8 @@ def save_last_checkpoint(path: Path, epochs_done: int, max_epochs: int, epoch_le
 
 def test_schedules_train_the_teacher_and_each_student_for_their_epochs():
     cpu, gpu = SCHEDULES["cpu"], SCHEDULES["gpu"]
-    assert [cpu.epochs(model) for model in MODELS] == [30, 60, 60]
-    assert [cpu.val_interval(model) for model in MODELS] == [2, 2, 2]
+    assert [cpu.epochs(model) for model in MODELS] == [20, 40, 40]
+    assert [cpu.val_interval(model) for model in MODELS] == [10, 4, 4]
     assert [gpu.epochs(model) for model in MODELS] == [100, 100, 100]
     assert [gpu.val_interval(model) for model in MODELS] == [1, 1, 1]
     lead = Schedule("lead", teacher_epochs=20, student_epochs=40, teacher_val_interval=10, student_val_interval=4)
@@ -79,7 +79,7 @@ def test_training_commands_are_the_bundle_runs_of_the_study_layout():
     teacher = training_command(TEACHER, SCHEDULES["cpu"], *data, paths)
     assert teacher[:5] == [sys.executable, "-m", "monai.bundle", "run", "training"]
     assert option(teacher, "config_file") == "['configs/train.json','configs/teacher.json']"
-    expected = {"dataset_dir": data[0], "datalist": data[1], "epochs": "30", "val_interval": "2"}
+    expected = {"dataset_dir": data[0], "datalist": data[1], "epochs": "20", "val_interval": "10"}
     expected |= {
         "ckpt_dir": "runs/study_cpu/models",
         "ckpt_name": "teacher.pt",
@@ -90,7 +90,7 @@ def test_training_commands_are_the_bundle_runs_of_the_study_layout():
 
     alone = training_command(ALONE, SCHEDULES["cpu"], *data, paths, resume=True)
     assert option(alone, "config_file") == "configs/train.json"
-    assert (option(alone, "epochs"), option(alone, "ckpt_name")) == ("60", "student_alone.pt")
+    assert (option(alone, "epochs"), option(alone, "ckpt_name")) == ("40", "student_alone.pt")
     assert DefaultParseValue(option(alone, "resume")) is True  # a real bool, as fire hands it to the bundle
 
     schedule = Schedule("s", teacher_epochs=20, student_epochs=40, teacher_val_interval=10, student_val_interval=4)
@@ -136,22 +136,22 @@ def test_a_training_without_last_checkpoint_starts(tmp_path):
 
 def test_a_partly_done_training_resumes_after_its_last_epoch(tmp_path):
     paths = StudyPaths(str(tmp_path))
-    save_last_checkpoint(Path(paths.last_ckpt(ALONE)), epochs_done=12, max_epochs=60)
+    save_last_checkpoint(Path(paths.last_ckpt(ALONE)), epochs_done=12, max_epochs=40)
     assert training_action(ALONE, SCHEDULES["cpu"], paths) == (StageAction.RESUME, 12)
     state = read_training_state(paths.last_ckpt(ALONE))
-    assert (state.epochs_done, state.max_epochs, state.best_metric, state.best_epoch) == (12, 60, 0.5, 12)
+    assert (state.epochs_done, state.max_epochs, state.best_metric, state.best_epoch) == (12, 40, 0.5, 12)
 
 
 def test_a_finished_training_is_skipped(tmp_path):
     paths = StudyPaths(str(tmp_path))
-    save_last_checkpoint(Path(paths.last_ckpt(TEACHER)), epochs_done=30, max_epochs=30)
+    save_last_checkpoint(Path(paths.last_ckpt(TEACHER)), epochs_done=20, max_epochs=20)
     torch.save({}, paths.best_ckpt(TEACHER))
-    assert training_action(TEACHER, SCHEDULES["cpu"], paths) == (StageAction.SKIP, 30)
+    assert training_action(TEACHER, SCHEDULES["cpu"], paths) == (StageAction.SKIP, 20)
 
 
 def test_a_finished_training_without_its_best_checkpoint_stops_naming_it(tmp_path):
     paths = StudyPaths(str(tmp_path))
-    save_last_checkpoint(Path(paths.last_ckpt(TEACHER)), epochs_done=30, max_epochs=30)
+    save_last_checkpoint(Path(paths.last_ckpt(TEACHER)), epochs_done=20, max_epochs=20)
     with pytest.raises(StudyError, match="teacher.pt is missing"):
         training_action(TEACHER, SCHEDULES["cpu"], paths)
 
