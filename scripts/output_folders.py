@@ -86,7 +86,7 @@ def prepare_output_folders(
         for input_folder, what in inputs.items():
             if _is_within(_real(folder), input_folder):
                 raise ValueError(
-                    f"output folder {folder} ({name}) is inside {what} ({input_folder}): writing there would replace "
+                    f"output folder {folder} is inside {what} ({input_folder}): writing there would replace "
                     f"or add files among the input cases; pass a --{name} outside the dataset folder."
                 )
         try:
@@ -97,7 +97,7 @@ def prepare_output_folders(
                 pass
         except OSError as e:
             raise PermissionError(
-                f"output folder {folder} ({name}) cannot be created or written to: {e}; pass another --{name}."
+                f"output folder {folder} cannot be created or written to: {e}; pass another --{name}."
             ) from e
         removed = remove_stale_temporary_files(folder)
         if removed:

@@ -15,9 +15,7 @@ from scripts.output_folders import prepare_output_folders
 def test_output_folder_inside_a_case_folder_is_refused_naming_the_case(tmp_path, make_brats_folder, layout, case_id):
     dataset = make_brats_folder(tmp_path / "data", layout)
     before = sorted(p.name for p in (dataset / case_id).iterdir())
-    with pytest.raises(
-        ValueError, match=rf"output folder {dataset / case_id} \(output_dir\) is inside the folder of case {case_id}"
-    ):
+    with pytest.raises(ValueError, match=rf"output folder {dataset / case_id} is inside the folder of case {case_id}"):
         prepare_output_folders({"output_dir": dataset / case_id}, dataset, find_cases(dataset, require_label=False))
     assert sorted(p.name for p in (dataset / case_id).iterdir()) == before
 
@@ -26,7 +24,7 @@ def test_output_folder_inside_the_dataset_folder_is_refused_before_it_is_created
     dataset = make_brats_folder(tmp_path / "data", "brats2020")
     with pytest.raises(
         ValueError,
-        match=r"output folder .*/data/seg \(output_dir\) is inside the dataset folder .*--output_dir outside",
+        match=r"output folder .*/data/seg is inside the dataset folder .*--output_dir outside",
     ):
         prepare_output_folders({"output_dir": dataset / "seg"}, dataset, find_cases(dataset, require_label=False))
     assert not (dataset / "seg").exists()
@@ -50,7 +48,7 @@ def test_output_folders_beside_the_dataset_are_created_and_unused_ones_skipped(t
 def test_output_folder_that_cannot_be_created_is_refused_naming_its_id(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(
-        PermissionError, match=rf"output folder {tmp_path / 'file' / 'models'} \(ckpt_dir\) cannot be created"
+        PermissionError, match=rf"output folder {tmp_path / 'file' / 'models'} cannot be created.*--ckpt_dir"
     ):
         prepare_output_folders({"ckpt_dir": tmp_path / "file" / "models"}, None, [])
 

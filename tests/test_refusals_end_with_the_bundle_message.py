@@ -99,9 +99,7 @@ def test_unwritable_checkpoint_folder_is_refused_before_training(bundle_inputs, 
         "training", "--config_file", TEACHER, "--dataset_dir", str(bundle_inputs["dataset"]),
         "--ckpt_dir", str(tmp_path / "file" / "models"), "--log_dir", str(tmp_path / "runs"),
     )  # fmt: skip
-    assert line.startswith(
-        f"PermissionError: output folder {tmp_path / 'file' / 'models'} (ckpt_dir) cannot be created"
-    )
+    assert line.startswith(f"PermissionError: output folder {tmp_path / 'file' / 'models'} cannot be created")
     assert not (tmp_path / "runs").exists(), "refused before the log folder is created"
 
 
