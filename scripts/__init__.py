@@ -3,13 +3,18 @@
 
 Submodules are imported on first attribute access, so ``"$import scripts"`` in a config is enough to use
 ``scripts.brats_data.build_splits`` while command-line tools such as ``python -m scripts.synthetic_brats`` start
-without importing MONAI.
+without importing MONAI. Importing the package also installs ``scripts.error_summary``'s exception hook, so that
+the last line of a run that the bundle refuses is the bundle's own message.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from scripts import error_summary
+
+error_summary.install()
 
 
 def __getattr__(name: str) -> ModuleType:

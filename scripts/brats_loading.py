@@ -91,7 +91,10 @@ class LoadBraTSCased(MapTransform):
         try:
             return self.reader(path)
         except Exception as e:
-            raise BraTSDataError(f"case {case_id}: cannot read {path}: {e}") from e
+            raise BraTSDataError(
+                f"case {case_id}: cannot read {path} (not a readable NIfTI file: truncated, corrupt or another "
+                "format; the reader's errors are above); replace the file or remove the case."
+            ) from e
 
     def _load_image(self, case: Mapping[Hashable, Any], key: Hashable) -> MetaTensor:
         case_id = case["case_id"]

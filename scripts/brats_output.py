@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -25,7 +24,6 @@ __all__ = [
     "ToReleaseLabelsd",
     "EmptyBrainToBackgroundd",
     "AtomicNibabelWriter",
-    "check_output_dir",
     "case_name_formatter",
     "output_postfix",
 ]
@@ -223,28 +221,3 @@ class AtomicNibabelWriter(NibabelWriter):
             super().write(tmp, verbose=False, **obj_kwargs)
         if verbose:
             logging.getLogger(type(self).__name__).info(f"writing: {filename}")
-
-
-def check_output_dir(path: str | os.PathLike) -> str:
-    """Create the output folder if needed and check that files can be written in it, before any computation.
-
-    Args:
-        path: the output folder.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        PermissionError: naming the folder, if it cannot be created or written to (a parent is a file, read-only
-            file system, no permission).
-    """
-    path = os.fspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError("no write permission")
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise PermissionError(f"output folder {path} cannot be created or written to: {e}") from e
-    return path

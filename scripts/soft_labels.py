@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -33,7 +34,7 @@ from monai.transforms import MapTransform
 from torch import nn
 
 from scripts.atomic_files import atomic_path
-from scripts.checkpoints import read_checkpoint, state_dict_fingerprint
+from scripts.checkpoints import CheckpointMismatchError, read_checkpoint, state_dict_fingerprint
 from scripts.fast_inference import BrainSliceInferer, brain_bounding_box
 
 __all__ = ["SOFT_LABEL_KEY", "TeacherSoftLabelsd", "soft_labels_from_logits"]
@@ -153,7 +154,11 @@ class TeacherSoftLabelsd(MapTransform):
     def _read(self, path: str, fingerprint: str) -> dict[str, Any] | None:
         if not os.path.isfile(path):
             return None
-        record = read_checkpoint(path, "soft-label cache file")
+        try:
+            record = read_checkpoint(path, "soft-label cache file")
+        except CheckpointMismatchError as e:  # truncated or damaged: the teacher computes it again
+            warnings.warn(f"{e}; the teacher's soft labels of this case are computed again.", stacklevel=3)
+            return None
         return record if isinstance(record, Mapping) and record.get("fingerprint") == fingerprint else None
 
     @staticmethod

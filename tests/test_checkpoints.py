@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 
 from scripts.brats_data import BraTSDataError, find_cases, load_datalist
 from scripts.brats_loading import LoadBraTSCased
-from scripts.brats_output import AtomicNibabelWriter, EmptyBrainToBackgroundd, check_output_dir
+from scripts.brats_output import AtomicNibabelWriter, EmptyBrainToBackgroundd
 from scripts.checkpoints import (
     AtomicCheckpointSaver,
     BestMetricState,
@@ -148,13 +148,6 @@ def test_atomic_writer_that_fails_keeps_the_previous_segmentation(tmp_path, monk
         writer.write(target)
     assert target.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
-
-
-def test_output_folder_under_a_file_is_rejected_naming_it(tmp_path):
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(PermissionError, match=rf"output folder {tmp_path / 'file' / 'seg'} cannot be created"):
-        check_output_dir(tmp_path / "file" / "seg")
-    assert check_output_dir(tmp_path / "new") == str(tmp_path / "new")
 
 
 def test_all_zero_case_is_loaded_and_segmented_as_background_with_a_warning(tmp_path, make_brats_folder):

@@ -83,6 +83,18 @@ def test_teacher_runs_once_per_case_and_again_when_its_weights_change(tmp_path, 
     assert len(calls) == 3, "another temperature is another target"
 
 
+def test_truncated_cache_file_is_recomputed_with_a_warning_naming_it(tmp_path, trained_like_network):
+    teacher = trained_like_network(TEACHER_CHANNELS, dropout=0.5)
+    transform = TeacherSoftLabelsd("image", teacher, str(tmp_path), TEMPERATURE)
+    expected = transform(_case())["teacher_probs"]
+    cache_file = tmp_path / "BraTS20_Training_001.pt"
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # truncated (a full disk, an interrupted copy)
+    with pytest.warns(UserWarning, match=rf"{cache_file}.*computed again"):
+        recomputed = transform(_case())["teacher_probs"]
+    assert torch.equal(recomputed, expected)
+    assert torch.equal(transform(_case())["teacher_probs"], expected), "the file was replaced by a readable one"
+
+
 def test_volume_sides_not_divisible_by_the_network_grid_are_padded_for_the_teacher_only(tmp_path, trained_like_network):
     case = {"image": MetaTensor(torch.randn(3, 40, 36, 3), meta={"case_id": "odd"})}
     probs = TeacherSoftLabelsd(
