@@ -63,7 +63,7 @@ def test_folder_inference_writes_each_case_in_its_input_geometry_and_release_lab
         assert written.shape == source.shape[:3]
         np.testing.assert_allclose(written.affine, source.affine)
         assert written.get_data_dtype() == np.uint8
-        assert np.unique(np.asanyarray(written.dataobj)).tolist() == [release_value]
+        assert np.unique(np.asanyarray(written.dataobj)).tolist() == [0, release_value]  # 0: outside the brain
 
 
 def test_output_convention_override_writes_internal_labels(tmp_path, make_brats_folder):
@@ -77,7 +77,7 @@ def test_output_convention_override_writes_internal_labels(tmp_path, make_brats_
         cwd=BUNDLE_ROOT, check=True, capture_output=True,
     )  # fmt: skip
     written = nib.load(out / "BraTS20_Training_001_seg.nii.gz")
-    assert np.unique(np.asanyarray(written.dataobj)).tolist() == [3]
+    assert np.unique(np.asanyarray(written.dataobj)).tolist() == [0, 3]
 
 
 def monai_label_style_pipeline(bundle: Path):
@@ -111,7 +111,7 @@ def test_one_file_study_finds_its_sibling_sequences(tmp_path, make_brats_folder,
     assert pred.dtype == torch.uint8
     assert tuple(pred.shape) == (1, 20, 24, 8)
     np.testing.assert_allclose(pred.affine.numpy(), nib.load(study).affine)
-    assert torch.unique(pred).tolist() == [4 if layout == "brats2020" else 3]
+    assert torch.unique(pred).tolist() == [0, 4 if layout == "brats2020" else 3]  # 0: outside the brain
 
 
 def test_one_file_study_accepts_a_multichannel_nifti(tmp_path):
