@@ -42,7 +42,7 @@ def test_typo_in_an_override_is_refused_naming_the_closest_id():
 
 def test_known_ids_nested_ids_and_tracking_settings_are_accepted():
     check_command_line(
-        [RUNNER, "run", "training", "--config_file", "configs/distill.json", "--kd_weight", "0",
+        [RUNNER, "run", "training", "--config_file", "['configs/train.json','configs/distill.json']", "--kd_weight", "0",
          "--network_def#channels", "[8,16,32,64,128]", "--validate::dataloader::num_workers", "2",
          "--tracking", "mlflow", "--tracking_uri", "file:///tmp/mlruns"]
     )  # fmt: skip
@@ -51,7 +51,7 @@ def test_known_ids_nested_ids_and_tracking_settings_are_accepted():
 def test_unknown_run_id_is_refused_naming_the_configs_workflows():
     with pytest.raises(CommandLineError, match=r"run id 'inference' is not defined.*the workflows they define: run "):
         check_command_line([RUNNER, "run", "inference", "--config_file", "configs/inference.json"])
-    evaluation = "['configs/distill.json','configs/evaluate.json']"
+    evaluation = "['configs/train.json','configs/distill.json','configs/evaluate.json']"
     with pytest.raises(CommandLineError, match=r"workflows they define: evaluating, run, training "):
         check_command_line([RUNNER, "run", "evaluate", "--config_file", evaluation])
 
