@@ -2,8 +2,7 @@
 """Custom components of the BraTS knowledge-distillation bundle, reached from the configs as ``scripts.<module>``.
 
 Submodules are imported on first attribute access, so ``"$import scripts"`` in a config is enough to use
-``scripts.brats_data.build_splits`` while command-line tools such as ``python -m scripts.synthetic_brats`` start
-without importing MONAI.
+``scripts.brats_data.build_splits``, and importing one module loads only what that module needs.
 """
 
 from __future__ import annotations

@@ -12,10 +12,10 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from torch import nn
 
-from scripts.compare_models import load_config
 from scripts.distillation_loss import DistillationLoss
 from scripts.soft_labels import TeacherSoftLabelsd, soft_labels_from_logits
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.bundle_config import load_config
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 2.0
