@@ -14,7 +14,6 @@ import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.metrics import compute_dice, compute_hausdorff_distance
-
 from scripts.atomic_files import atomic_path
 from scripts.brats_regions import region_names
 

@@ -30,11 +30,10 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from torch import nn
-
 from scripts.atomic_files import atomic_path
 from scripts.checkpoints import read_checkpoint, state_dict_fingerprint
 from scripts.fast_inference import BrainSliceInferer, brain_bounding_box
+from torch import nn
 
 __all__ = ["SOFT_LABEL_KEY", "TeacherSoftLabelsd", "soft_labels_from_logits"]
 
