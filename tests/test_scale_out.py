@@ -105,7 +105,7 @@ def test_two_process_distillation_matches_a_single_process_evaluation(data, tmp_
 def test_teacher_training_killed_mid_run_resumes_at_the_next_epoch(data, tmp_path):
     bundle = tmp_path / "bundle"
     args = ["training", "--config_file", TEACHER, "--bundle_root", str(bundle), *data_args(data)]
-    args += ["--epochs", "6", *QUICK, *NARROW]
+    args += ["--epochs", "6", *QUICK, "--teacher_def#channels", "[8,16,32,64,128]"]  # teacher.json: @teacher_def
     last = bundle / "models" / "teacher_last.pt"
     # the same run, killed (SIGKILL) by a handler of its own in its third epoch: two epochs done and saved
     kill = tmp_path / "kill_in_epoch_3.json"
