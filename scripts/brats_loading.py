@@ -11,7 +11,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
-
 from scripts.brats_data import LABEL_MAPS, BraTSDataError, case_from_file
 
 __all__ = ["LoadBraTSCased", "map_release_labels"]

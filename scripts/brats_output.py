@@ -13,7 +13,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform, Transform
-
 from scripts.atomic_files import atomic_path
 from scripts.brats_data import LABEL_MAPS
 

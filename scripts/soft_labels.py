@@ -31,11 +31,10 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from torch import nn
-
 from scripts.atomic_files import atomic_path
 from scripts.checkpoints import CheckpointMismatchError, read_checkpoint, state_dict_fingerprint
 from scripts.fast_inference import BrainSliceInferer, brain_bounding_box
+from torch import nn
 
 __all__ = ["SOFT_LABEL_KEY", "TeacherSoftLabelsd", "soft_labels_from_logits"]
 
@@ -72,7 +71,7 @@ class TeacherSoftLabelsd(MapTransform):
     Args:
         keys: the image key (exactly one), a (C, H, W, D) preprocessed volume whose metadata holds ``case_id``
             (``scripts.brats_loading.LoadBraTSCased`` records it).
-        teacher: the frozen 2D teacher, weights loaded (``scripts.teacher_handler.load_teacher``).
+        teacher: the frozen 2D teacher, weights loaded (``scripts.teacher.load_teacher``).
         cache_dir: folder of the per-case files, created if needed.
         temperature: the distillation temperature ``T`` the probabilities are softened with.
         mode: ``softmax`` or ``sigmoid``, as the distillation loss.

@@ -39,6 +39,7 @@ def first_file(case: dict) -> str:
     return case["image"] if isinstance(case["image"], str) else case["image"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout, internal_class, release_value",
     [("brats2020", 3, 4), ("brats2023", 3, 3), ("msd", 1, 2)],  # enhancing is 4 in 2020; MSD's core is 2
@@ -66,6 +67,7 @@ def test_folder_inference_writes_each_case_in_its_input_geometry_and_release_lab
         assert np.unique(np.asanyarray(written.dataobj)).tolist() == [0, release_value]  # 0: outside the brain
 
 
+@pytest.mark.slow
 def test_output_convention_override_writes_internal_labels(tmp_path, make_brats_folder):
     bundle = constant_student(tmp_path / "bundle", 3)
     data = make_brats_folder(tmp_path / "brats2020", "brats2020", num_cases=1, labels_present=False)

@@ -14,7 +14,7 @@ import torch
 from fire.parser import DefaultParseValue
 from ignite.engine import Engine, Events
 
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.synthetic_brats import write_synthetic_dataset
 from tools.study import (
     MODELS,
     SCHEDULES,

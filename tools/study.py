@@ -75,7 +75,7 @@ from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import canonical_sequences
 from scripts.brats_regions import region_names
 from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint, read_checkpoint
-from scripts.flops import conv_gflops
+from tools.flops import conv_gflops
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
