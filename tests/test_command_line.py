@@ -42,8 +42,8 @@ def test_typo_in_an_override_is_refused_naming_the_closest_id():
 
 def test_known_ids_nested_ids_and_tracking_settings_are_accepted():
     check_command_line(
-        [RUNNER, "run", "training", "--config_file", "['configs/train.json','configs/distill.json']", "--kd_weight", "0",
-         "--network_def#channels", "[8,16,32,64,128]", "--validate::dataloader::num_workers", "2",
+        [RUNNER, "run", "training", "--config_file", "['configs/train.json','configs/distill.json']",
+         "--kd_weight", "0", "--network_def#channels", "[8,16,32,64,128]", "--validate::dataloader::num_workers", "2",
          "--tracking", "mlflow", "--tracking_uri", "file:///tmp/mlruns"]
     )  # fmt: skip
 

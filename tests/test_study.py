@@ -14,7 +14,6 @@ import torch
 from fire.parser import DefaultParseValue
 from ignite.engine import Engine, Events
 
-from tools.synthetic_brats import write_synthetic_dataset
 from tools.study import (
     MODELS,
     SCHEDULES,
@@ -32,6 +31,7 @@ from tools.study import (
     training_action,
     training_command,
 )
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TEACHER, ALONE, DISTILLED = MODELS
