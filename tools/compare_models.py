@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import canonical_sequences
-from scripts.brats_regions import region_names
+from scripts.brats_regions import region_names, regions_to_labels
 from scripts.metrics_report import case_metrics
 from scripts.teacher import TeacherCheckpointError, load_teacher
 from tools.bundle_config import DISTILL_CONFIGS, bundle_configs, load_config
@@ -272,9 +272,9 @@ def compare_models(
                     inferer(image, network)
                 logits, runs = _timed(inferer, image, network, latency_repeats)
                 times[key] += runs
-                item = decollate_batch({"pred": logits, "label": batch["label"]})[0]
-                argmax = item["pred"].argmax(dim=0)
-                regions_out = postprocessing(item)
+                item = decollate_batch({"pred": logits, "label": batch["label"], "image": batch["image"]})[0]
+                regions_out = postprocessing(item)  # argmax, background outside the brain, regions
+                argmax = regions_to_labels(regions_out["pred"])[0]
                 metrics = case_metrics(regions_out["pred"], regions_out["label"], regions)
                 per_case[key].append({"case_id": case["case_id"], **metrics, "latency_s": statistics.median(runs)})
                 if figure_slice is not None:
