@@ -73,6 +73,7 @@ from tqdm import tqdm
 
 from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import canonical_sequences
+from scripts.brats_output import brain_mask
 from scripts.brats_regions import region_names
 from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint, read_checkpoint
 from tools.flops import conv_gflops
@@ -874,6 +875,7 @@ def _measure(
             image = batch["image"].as_tensor()  # plain tensor: the timing is the network's, without metadata
             label = batch["label"][0, 0].as_tensor()
             z = int((label > 0).sum(dim=(0, 1)).argmax())
+            outside = ~brain_mask(image[0])[0, :, :, z].numpy()
             labels = {"ground truth": label[:, :, z].numpy()}
             for key, network in networks.items():
                 if index == 0:  # warm-up, untimed
@@ -883,6 +885,7 @@ def _measure(
                     logits = inferer(image, network)
                     times[key].append(time.perf_counter() - start)
                 labels[key] = logits[0, :, :, :, z].argmax(dim=0).numpy()
+                labels[key][outside] = 0  # as every output of the bundle: background outside the brain
             slices.append(
                 {
                     "case_id": case["case_id"],
