@@ -3,9 +3,10 @@
 
 MONAI's runner accepts any ``--<id> <value>`` and adds an id the configs do not define, so a typo such as
 ``--epoch 3`` is silently ignored (training runs its 100 epochs), and an unknown run id fails only after the
-workflow was initialised, without naming the run ids the configs define. :func:`check_command_line` (the first
-expression of each config's ``initialize`` list) refuses both, naming the closest known id. It reads the command
-line as MONAI's runner (python-fire) does; in any other process (a test, MONAI Label, ``monai.bundle.run`` called
+workflow was initialised, without naming the run ids the configs define; and ``--resume false`` reaches the config
+as the text ``'false'``, which is true. :func:`check_command_line` (the first expression of each config's
+``initialize`` list) refuses all three, naming the closest known id or the spelling that works (``False``). It
+reads the command line as MONAI's runner (python-fire) does; in any other process (a test, MONAI Label, ``monai.bundle.run`` called
 from Python) it checks nothing.
 """
 
@@ -103,6 +104,15 @@ def _workflow_ids(config_file: Any) -> list[str]:
     return sorted(workflows)
 
 
+def _check_boolean(key: str, value: Any, default: Any) -> None:
+    """Refuse ``--<flag> false`` for a boolean id: python-fire passes the string ``'false'``, which is truthy."""
+    if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false"):
+        raise CommandLineError(
+            f"--{key} {value}: the command line passes the text {value!r}, which is not a boolean (any text is "
+            f"true); write --{key} {value.capitalize()}."
+        )
+
+
 def _closest(name: str, known: Sequence[str]) -> str:
     matches = difflib.get_close_matches(name, known, n=1)
     if matches:
@@ -130,7 +140,8 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
     run_arguments, overrides = parsed
     config_file = run_arguments["config_file"]
     files = ", ".join(config_file) if isinstance(config_file, (list, tuple)) else str(config_file)
-    known = set(ConfigParser.load_config_files(config_file)) | {"_meta_"}
+    config = ConfigParser.load_config_files(config_file)
+    known = set(config) | {"_meta_"}
     if run_arguments.get("tracking"):
         known |= set(DEFAULT_MLFLOW_SETTINGS["configs"])
     for key in overrides:
@@ -139,6 +150,7 @@ def check_command_line(argv: Sequence[str] | None = None) -> None:
             raise CommandLineError(
                 f"unknown config id {head!r} (--{key}): not defined by {files}; {_closest(head, known)}"
             )
+        _check_boolean(key, overrides[key], config.get(key))
     run_id = run_arguments.get("run_id") or "run"
     if run_id not in known:
         raise CommandLineError(

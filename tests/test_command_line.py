@@ -59,3 +59,13 @@ def test_unknown_run_id_is_refused_naming_the_configs_workflows():
 def test_other_processes_are_not_checked():
     check_command_line(["pytest", "run", "--config_file", "configs/train.json", "--epoch", "3"])
     check_command_line([RUNNER, "verify_metadata", "--meta_file", "configs/metadata.json", "--epoch", "3"])
+
+
+@pytest.mark.parametrize("value", ["false", "true", "FALSE"])
+def test_lower_case_boolean_of_a_boolean_id_is_refused_naming_the_spelling_that_works(value):
+    with pytest.raises(CommandLineError, match=rf"--resume {value}: .*write --resume {value.capitalize()}"):
+        check_command_line([RUNNER, "run", "training", "--config_file", "configs/train.json", "--resume", value])
+
+
+def test_python_booleans_are_accepted():
+    check_command_line([RUNNER, "run", "training", "--config_file", "configs/train.json", "--resume", "False"])
