@@ -6,8 +6,8 @@ MONAI's runner accepts any ``--<id> <value>`` and adds an id the configs do not 
 workflow was initialised, without naming the run ids the configs define; and ``--resume false`` reaches the config
 as the text ``'false'``, which is true. :func:`check_command_line` (the first expression of each config's
 ``initialize`` list) refuses all three, naming the closest known id or the spelling that works (``False``). It
-reads the command line as MONAI's runner (python-fire) does; in any other process (a test, MONAI Label, ``monai.bundle.run`` called
-from Python) it checks nothing.
+reads the command line as MONAI's runner (python-fire) does; in any other process (a test, MONAI Label,
+``monai.bundle.run`` called from Python) it checks nothing.
 """
 
 from __future__ import annotations
