@@ -2,14 +2,19 @@
 """Custom components of the BraTS knowledge-distillation bundle, reached from the configs as ``scripts.<module>``.
 
 Submodules are imported on first attribute access, so ``"$import scripts"`` in a config is enough to use
-``scripts.brats_data.build_splits`` while command-line tools such as ``python -m scripts.synthetic_brats`` start
-without importing MONAI.
+``scripts.brats_data.build_splits``, and importing one module loads only what that module needs. Importing the
+package also installs ``scripts.error_summary``'s exception hook, so that the last line of a run that the bundle
+refuses is the bundle's own message.
 """
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+from scripts import error_summary
+
+error_summary.install()
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -37,6 +37,7 @@ __all__ = [
     "detect_layout",
     "find_cases",
     "load_datalist",
+    "select_split",
     "split_cases",
 ]
 
@@ -388,6 +389,24 @@ def build_splits(
         splits = split_cases(find_cases(dataset_dir, modalities, require_label), seed, val_fraction, test_fraction)
     unique = {case["case_id"]: case for split in SPLITS for case in splits[split]}
     return {**splits, "all": [unique[case_id] for case_id in sorted(unique)]}
+
+
+def select_split(splits: dict[str, list[dict[str, Any]]], name: str) -> list[dict[str, Any]]:
+    """The cases of one split of :func:`build_splits` (the ``eval_split`` of ``configs/evaluate.json``).
+
+    Args:
+        splits: as returned by :func:`build_splits`.
+        name: ``training``, ``validation``, ``test`` or ``all``.
+
+    Returns:
+        the split's cases.
+
+    Raises:
+        BraTSDataError: naming the valid splits, if ``name`` is not one of them.
+    """
+    if name not in splits:
+        raise BraTSDataError(f"eval_split {name!r} is not a split; use --eval_split {' | '.join(splits)}.")
+    return splits[name]
 
 
 def _absolute(path: str | os.PathLike) -> Path:

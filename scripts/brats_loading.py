@@ -11,7 +11,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
-
 from scripts.brats_data import LABEL_MAPS, BraTSDataError, case_from_file
 from scripts.label_convention import check_label_convention
 
@@ -103,7 +102,10 @@ class LoadBraTSCased(MapTransform):
         try:
             return self.reader(path)
         except Exception as e:
-            raise BraTSDataError(f"case {case_id}: cannot read {path}: {e}") from e
+            raise BraTSDataError(
+                f"case {case_id}: cannot read {path} (not a readable NIfTI file: truncated, corrupt or another "
+                "format; the reader's errors are above); replace the file or remove the case."
+            ) from e
 
     def _load_image(self, case: Mapping[Hashable, Any], key: Hashable) -> MetaTensor:
         case_id = case["case_id"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -14,7 +13,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform, Transform
-
 from scripts.atomic_files import atomic_path
 from scripts.brats_data import LABEL_MAPS
 
@@ -23,9 +21,9 @@ __all__ = [
     "internal_to_release",
     "ArgmaxLabeld",
     "ToReleaseLabelsd",
-    "EmptyBrainToBackgroundd",
+    "OutsideBrainToBackgroundd",
+    "brain_mask",
     "AtomicNibabelWriter",
-    "check_output_dir",
     "case_name_formatter",
     "output_postfix",
 ]
@@ -172,17 +170,44 @@ def output_postfix(convention: str | None) -> str:
     return "" if convention == CHALLENGE else "seg"
 
 
-class EmptyBrainToBackgroundd(MapTransform):
-    """Segment a case whose every input voxel is 0 (an empty brain) as all background, with a warning naming it.
+def brain_mask(image: torch.Tensor) -> torch.Tensor:
+    """The brain voxels of a channel-first image: those where at least one input channel is not 0.
 
-    ``scripts.brats_loading.LoadBraTSCased`` records ``empty_brain`` in the image's metadata; z-scoring over brain
-    voxels leaves such an image at 0 and the network's output on it is meaningless, so the prediction is replaced
-    by background (0) everywhere and a ``UserWarning`` (also logged) names the case and its files.
+    Skull-stripped BraTS sequences are exactly 0 outside the brain, and z-scoring with ``nonzero=True`` (the bundle's
+    ``NormalizeIntensityd``) and zero padding keep them so.
 
     Args:
-        keys: keys of the predicted label maps.
-        ref_key: key of the input image holding the case metadata.
+        image: (C, *spatial) input image.
+
+    Returns:
+        a (1, *spatial) boolean tensor (a plain tensor, not a ``MetaTensor``), on the device of ``image``.
+    """
+    image = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+    brain = image[0] != 0
+    for channel in image[1:]:  # in place, channel by channel: twice as fast as any(dim=0) on a BraTS volume
+        brain.logical_or_(channel != 0)
+    return brain[None]
+
+
+class OutsideBrainToBackgroundd(MapTransform):
+    """Label every voxel outside the brain as background (0), whatever the network predicted there.
+
+    The brain is where at least one channel of the input image (``ref_key``, on the grid of the prediction) is not 0
+    (:func:`brain_mask`); a 2D network's output on the all-zero background around the skull-stripped brain is a
+    function of its biases and statistics only, and can be any class. A case whose every input voxel is 0
+    (``empty_brain`` in the image's metadata, recorded by ``scripts.brats_loading.LoadBraTSCased``) comes out all
+    background, with a ``UserWarning`` (also logged) naming the case and its files.
+
+    Place it after the argmax and before any transform that changes the prediction's grid (``Invertd``).
+
+    Args:
+        keys: keys of the predicted label maps, (C, *spatial) class indices (any dtype).
+        ref_key: key of the input image, (C_in, *spatial).
         allow_missing_keys: don't raise if a key is missing.
+
+    Raises:
+        KeyError: if ``ref_key`` is missing.
+        ValueError: if a prediction's spatial shape is not the image's (it was moved to another grid).
     """
 
     def __init__(self, keys: KeysCollection, ref_key: Hashable = "image", allow_missing_keys: bool = False) -> None:
@@ -192,17 +217,24 @@ class EmptyBrainToBackgroundd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
+        image = d[self.ref_key]
         meta = _case_meta(d, next(iter(self.keys)), self.ref_key)
-        if not bool(meta.get("empty_brain", False)):
-            return d
-        message = (
-            f"case {meta.get('case_id', '?')}: every voxel of {meta.get('source_files', '?')} is 0 (empty brain "
-            "volume); its segmentation is all background."
-        )
-        warnings.warn(message, UserWarning, stacklevel=2)
-        self.logger.warning(message)
+        if bool(meta.get("empty_brain", False)):
+            message = (
+                f"case {meta.get('case_id', '?')}: every voxel of {meta.get('source_files', '?')} is 0 (empty brain "
+                "volume); its segmentation is all background."
+            )
+            warnings.warn(message, UserWarning, stacklevel=2)
+            self.logger.warning(message)
+        brain = brain_mask(image)
         for key in self.key_iterator(d):
-            d[key] = torch.zeros_like(d[key])
+            pred = d[key]
+            if tuple(pred.shape[1:]) != tuple(brain.shape[1:]):
+                raise ValueError(
+                    f"case {meta.get('case_id', '?')}: prediction {key!r} has spatial shape {tuple(pred.shape[1:])}, "
+                    f"the image {self.ref_key!r} {tuple(brain.shape[1:])}; mask it before changing its grid."
+                )
+            d[key] = pred * brain.to(pred.device)
         return d
 
 
@@ -223,28 +255,3 @@ class AtomicNibabelWriter(NibabelWriter):
             super().write(tmp, verbose=False, **obj_kwargs)
         if verbose:
             logging.getLogger(type(self).__name__).info(f"writing: {filename}")
-
-
-def check_output_dir(path: str | os.PathLike) -> str:
-    """Create the output folder if needed and check that files can be written in it, before any computation.
-
-    Args:
-        path: the output folder.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        PermissionError: naming the folder, if it cannot be created or written to (a parent is a file, read-only
-            file system, no permission).
-    """
-    path = os.fspath(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise PermissionError("no write permission")
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise PermissionError(f"output folder {path} cannot be created or written to: {e}") from e
-    return path

@@ -13,9 +13,8 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
-from torch import nn
-
 from scripts.atomic_files import atomic_path
+from torch import nn
 
 __all__ = [
     "CheckpointMismatchError",

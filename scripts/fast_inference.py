@@ -14,14 +14,14 @@ tolerance, with these exact shortcuts:
   computes for them;
 - consecutive brain slices are batched ``sw_batch_size`` at a time, each batch a view of the volume (no copy by index);
 - optionally (``backend="onnxruntime"``, CPU only, ``pip install onnxruntime onnx``) the prepared network is exported to
-  ONNX once per set of weights and run by ONNX Runtime instead of PyTorch (``scripts.benchmark`` times both; on
+  ONNX once per set of weights and run by ONNX Runtime instead of PyTorch (``tools.benchmark`` times both; on
   the 2-core machine of ``docs/benchmark`` PyTorch's channels-last path is the faster one, hence the default).
 
 With ``crop_to_brain=True`` (the default of ``configs/inference.json``) each batch of brain slices is also cropped
 in plane to the bounding box of its brain voxels plus ``margin`` voxels, aligned to the network's ``divisor`` grid;
 voxels outside the box get the all-zero slice's output. This one is not exact: the convolutions' zero padding at
 the box's edge replaces the background features the full slice would give, so logits near the box's edge move a
-little. Its effect on the label map is measured by ``scripts.benchmark`` and tested; ``crop_to_brain=False`` keeps
+little. Its effect on the label map is measured by ``tools.benchmark`` and tested; ``crop_to_brain=False`` keeps
 the result exact.
 """
 
@@ -40,12 +40,11 @@ import torch
 from monai.inferers import Inferer
 from monai.utils import convert_to_dst_type, optional_import
 from monai.utils.type_conversion import dtype_torch_to_numpy
-from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
-
 from scripts.checkpoints import state_dict_fingerprint
 from scripts.separable_unet import SeparableUNet
 from scripts.separable_unet_inference import SeparableUNetForInference
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 ort, _has_ort = optional_import("onnxruntime")
 _, _has_onnx = optional_import("onnx")  # torch.onnx.export serialises the model with it

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
-
 from scripts.atomic_files import atomic_path
 from scripts.brats_regions import region_names, regions_to_labels
 from scripts.official_metrics import evaluate_case, metrics_table

@@ -23,10 +23,9 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from scripts.separable_unet import NEGATIVE_SLOPE, SeparableBlock, SeparableUNet, UpBlock, check_divisible
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-
-from scripts.separable_unet import NEGATIVE_SLOPE, SeparableBlock, SeparableUNet, UpBlock, check_divisible
 
 __all__ = ["SeparableUNetForInference", "max_pool_2x2"]
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
 
@@ -33,11 +34,10 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from torch import nn
-
 from scripts.atomic_files import atomic_path
-from scripts.checkpoints import read_checkpoint, state_dict_fingerprint
+from scripts.checkpoints import CheckpointMismatchError, read_checkpoint, state_dict_fingerprint
 from scripts.fast_inference import BrainSliceInferer, brain_bounding_box
+from torch import nn
 
 __all__ = ["SOFT_LABEL_KEY", "TeacherSoftLabelsd", "soft_labels_from_logits"]
 
@@ -74,7 +74,7 @@ class TeacherSoftLabelsd(MapTransform):
     Args:
         keys: the image key (exactly one), a (C, H, W, D) preprocessed volume whose metadata holds ``case_id``
             (``scripts.brats_loading.LoadBraTSCased`` records it).
-        teacher: the frozen 2D teacher, weights loaded (``scripts.teacher_handler.load_teacher``).
+        teacher: the frozen 2D teacher, weights loaded (``scripts.teacher.load_teacher``).
         cache_dir: folder of the per-case files, created if needed.
         temperature: the distillation temperature ``T`` the probabilities are softened with.
         mode: ``softmax`` or ``sigmoid``, as the distillation loss.
@@ -157,7 +157,11 @@ class TeacherSoftLabelsd(MapTransform):
     def _read(self, path: str, fingerprint: str) -> dict[str, Any] | None:
         if not os.path.isfile(path):
             return None
-        record = read_checkpoint(path, "soft-label cache file")
+        try:
+            record = read_checkpoint(path, "soft-label cache file")
+        except CheckpointMismatchError as e:  # truncated or damaged: the teacher computes it again
+            warnings.warn(f"{e}; the teacher's soft labels of this case are computed again.", stacklevel=3)
+            return None
         return record if isinstance(record, Mapping) and record.get("fingerprint") == fingerprint else None
 
     @staticmethod

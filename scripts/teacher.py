@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 from monai.engines import PrepareBatch, default_prepare_batch
-from torch import nn
-
 from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint
 from scripts.distillation_loss import DistillationTarget
 from scripts.soft_labels import SOFT_LABEL_KEY
+from torch import nn
 
 __all__ = ["SOFT_LABEL_SOURCES", "TeacherCheckpointError", "TeacherTargets", "load_teacher"]
 

@@ -17,6 +17,7 @@ from scripts.brats_data import (
     detect_layout,
     find_cases,
     load_datalist,
+    select_split,
     split_cases,
 )
 
@@ -286,3 +287,12 @@ def test_build_splits_with_datalist_uses_it_and_lists_its_cases_once_in_all(tmp_
     splits = build_splits(root, modalities=("flair",), datalist=str(datalist))
     assert _ids(splits["all"]) == ["BraTS20_Training_002"]
     assert _ids(splits["training"]) == _ids(splits["validation"]) == ["BraTS20_Training_002"]
+
+
+def test_unknown_eval_split_is_refused_naming_the_splits():
+    splits = {"training": [], "validation": [], "test": [{"case_id": "a"}], "all": [{"case_id": "a"}]}
+    assert select_split(splits, "test") == [{"case_id": "a"}]
+    with pytest.raises(
+        BraTSDataError, match=r"'bogus' is not a split; use --eval_split training \| validation \| test \| all"
+    ):
+        select_split(splits, "bogus")

@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser
 from scripts.brats_data import LABEL_MAPS, LAYOUTS
 from scripts.label_convention import MONAI_LABEL_ENVIRONMENT_VARIABLE
 from scripts.separable_unet import SeparableUNet
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SAMPLE = BUNDLE_ROOT.parent / "shared" / "data" / "brats_sample"
@@ -30,6 +30,8 @@ TRAIN_AND_EVALUATE = "['configs/train.json','configs/evaluate.json']"
 TEACHER = "['configs/train.json','configs/teacher.json']"
 TEACHER_AND_EVALUATE = "['configs/train.json','configs/teacher.json','configs/evaluate.json']"
 DISTILL = "['configs/train.json','configs/distill.json']"
+
+pytestmark = pytest.mark.slow  # every test runs the bundle in subprocesses
 
 
 def run_bundle(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 
 from scripts.brats_data import BraTSDataError, find_cases, load_datalist
 from scripts.brats_loading import LoadBraTSCased
-from scripts.brats_output import AtomicNibabelWriter, EmptyBrainToBackgroundd, check_output_dir
+from scripts.brats_output import AtomicNibabelWriter, OutsideBrainToBackgroundd
 from scripts.checkpoints import (
     AtomicCheckpointSaver,
     BestMetricState,
@@ -150,13 +150,6 @@ def test_atomic_writer_that_fails_keeps_the_previous_segmentation(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]
 
 
-def test_output_folder_under_a_file_is_rejected_naming_it(tmp_path):
-    (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(PermissionError, match=rf"output folder {tmp_path / 'file' / 'seg'} cannot be created"):
-        check_output_dir(tmp_path / "file" / "seg")
-    assert check_output_dir(tmp_path / "new") == str(tmp_path / "new")
-
-
 def test_all_zero_case_is_loaded_and_segmented_as_background_with_a_warning(tmp_path, make_brats_folder):
     folder = make_brats_folder(tmp_path, "brats2020", num_cases=1, labels_present=False)
     for path in folder.glob("*/*.nii.gz"):
@@ -165,17 +158,18 @@ def test_all_zero_case_is_loaded_and_segmented_as_background_with_a_warning(tmp_
     assert data["image"].meta["empty_brain"]
     data["pred"] = MetaTensor(torch.full((1, 16, 16, 8), 2))
     with pytest.warns(UserWarning, match=r"case BraTS20_Training_001: every voxel of .*_flair\.nii\.gz.* is 0"):
-        out = EmptyBrainToBackgroundd(keys="pred")(data)
+        out = OutsideBrainToBackgroundd(keys="pred")(data)
     assert not out["pred"].any()
 
 
-def test_non_empty_case_keeps_its_prediction(tmp_path, make_brats_folder):
+def test_non_empty_case_keeps_its_prediction_in_the_brain_without_warning(tmp_path, make_brats_folder):
     folder = make_brats_folder(tmp_path, "brats2020", num_cases=1, labels_present=False)
     data = LoadBraTSCased(keys="image")(find_cases(folder, require_label=False)[0])
     data["pred"] = torch.full((1, 16, 16, 8), 2)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert (EmptyBrainToBackgroundd(keys="pred")(data)["pred"] == 2).all()
+        pred = OutsideBrainToBackgroundd(keys="pred")(data)["pred"]
+    assert (pred[data["image"].any(dim=0, keepdim=True)] == 2).all()
 
 
 def test_corrupt_non_nifti_file_names_case_and_file(tmp_path, make_brats_folder):

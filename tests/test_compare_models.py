@@ -10,9 +10,10 @@ import matplotlib.image
 import pytest
 import torch
 
-from scripts.compare_models import compare_models, load_config
-from scripts.synthetic_brats import write_synthetic_dataset
 from scripts.teacher import TeacherCheckpointError
+from tools.bundle_config import DISTILL_CONFIGS, TEACHER_CONFIGS, bundle_configs, load_config
+from tools.compare_models import compare_models
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 SMALL_TEACHER = {"teacher_def#channels": [8, 16, 32, 64, 128]}  # keeps the test fast
@@ -25,7 +26,7 @@ def comparison(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("compare")
     dataset_dir = root / "data"
     write_synthetic_dataset(dataset_dir, num_cases=3, shape=(32, 32, 16))
-    parser = load_config(f"{BUNDLE_ROOT}/configs/distill.json", BUNDLE_ROOT, str(dataset_dir), SMALL_TEACHER)
+    parser = load_config(bundle_configs(BUNDLE_ROOT, DISTILL_CONFIGS), BUNDLE_ROOT, str(dataset_dir), SMALL_TEACHER)
     checkpoints, networks = {}, {}
     for seed, (key, config_id) in enumerate(
         (("teacher", "teacher_def"), ("student_alone", "network_def"), ("student_kd", "network_def"))
@@ -136,12 +137,11 @@ def test_missing_teacher_checkpoint_says_which_configs_train_it(comparison, tmp_
 
 
 def test_config_list_is_merged_in_order_like_the_bundle_runner():
-    teacher = load_config(
-        [f"{BUNDLE_ROOT}/configs/train.json", f"{BUNDLE_ROOT}/configs/teacher.json"], BUNDLE_ROOT, "."
-    )
-    distill = load_config(f"{BUNDLE_ROOT}/configs/distill.json", BUNDLE_ROOT, ".")
+    teacher = load_config(bundle_configs(BUNDLE_ROOT, TEACHER_CONFIGS), BUNDLE_ROOT, ".")
+    distill = load_config(bundle_configs(BUNDLE_ROOT, DISTILL_CONFIGS), BUNDLE_ROOT, ".")
     network, teacher_def = teacher.get_parsed_content("network_def"), distill.get_parsed_content("teacher_def")
     assert {k: v.shape for k, v in network.state_dict().items()} == {
         k: v.shape for k, v in teacher_def.state_dict().items()
     }
     assert teacher.get_parsed_content("ckpt_name") == "teacher.pt"
+    assert distill.get_parsed_content("ckpt_name") == "model.pt"

@@ -10,7 +10,7 @@ import torch
 from monai.bundle import ConfigParser, ConfigWorkflow
 
 from scripts.separable_unet import SeparableUNet
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = BUNDLE_ROOT / "configs"

@@ -63,12 +63,14 @@ def randomised(network: SeparableUNet) -> SeparableUNet:
     return network
 
 
+@pytest.mark.slow
 @ignore_jit_deprecation
 def test_student_exports_to_torchscript_equal_to_the_eager_network(tmp_path):
     torch.manual_seed(0)
     export_and_compare("configs/inference.json", randomised(SeparableUNet(3, 4)), tmp_path)
 
 
+@pytest.mark.slow
 @ignore_jit_deprecation
 def test_teacher_exports_to_torchscript_equal_to_the_eager_network(tmp_path):
     torch.manual_seed(0)

@@ -63,11 +63,32 @@ def test_uncropped_fast_path_matches_slice_inferer(trained_like_network):
     torch.testing.assert_close(actual.as_tensor(), expected, rtol=1e-4, atol=1e-4)
 
 
+class _RecordingNetwork(nn.Module):
+    """Zero logits for 2 classes; records the first channel of every batch of slices it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.batches.append(x[:, 0, 0, 0].clone())
+        return x.new_zeros(x.shape[0], 2, *x.shape[2:])
+
+
 def test_batches_are_runs_of_consecutive_brain_slices_never_spanning_a_gap():
-    has_brain = torch.tensor([0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0], dtype=torch.bool)
-    batches = BrainSliceInferer(sw_batch_size=4)._slice_batches(has_brain)
-    assert batches == [slice(1, 3), slice(5, 9), slice(9, 10)]
-    assert BrainSliceInferer()._slice_batches(torch.zeros(5, dtype=torch.bool)) == []
+    has_brain = [0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 0]
+    volume = torch.zeros(1, 1, 16, 16, len(has_brain))
+    for z, brain in enumerate(has_brain):
+        volume[..., z] = (z + 1) * brain  # each brain slice holds its index + 1
+    network = _RecordingNetwork()
+    inferer = BrainSliceInferer(sw_batch_size=4, crop_to_brain=False, channels_last=False, fold_bn=False)
+    inferer(volume, network)
+    empty, *batches = network.batches  # the empty slice's forward pass comes first
+    assert empty.tolist() == [0.0]
+    assert [batch.tolist() for batch in batches] == [[2.0, 3.0], [6.0, 7.0, 8.0, 9.0], [10.0]]
+    network.batches.clear()
+    inferer(torch.zeros(1, 1, 16, 16, 5), network)
+    assert len(network.batches) == 1  # only the empty slice's pass
 
 
 def test_fast_path_matches_slice_inferer_with_empty_slices_between_brain_slices(trained_like_network):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from torch import nn
 
-from scripts.flops import conv_gflops
 from scripts.separable_unet import SeparableUNet
+from tools.flops import conv_gflops
 
 
 def test_counter_counts_multiply_adds_of_2d_convolutions_twice():

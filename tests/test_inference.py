@@ -40,6 +40,7 @@ def first_file(case: dict) -> str:
     return case["image"] if isinstance(case["image"], str) else case["image"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout, internal_class, release_value",
     [("brats2020", 3, 4), ("brats2023", 3, 3), ("msd", 1, 2)],  # enhancing is 4 in 2020; MSD's core is 2
@@ -64,9 +65,10 @@ def test_folder_inference_writes_each_case_in_its_input_geometry_and_release_lab
         assert written.shape == source.shape[:3]
         np.testing.assert_allclose(written.affine, source.affine)
         assert written.get_data_dtype() == np.uint8
-        assert np.unique(np.asanyarray(written.dataobj)).tolist() == [release_value]
+        assert np.unique(np.asanyarray(written.dataobj)).tolist() == [0, release_value]  # 0: outside the brain
 
 
+@pytest.mark.slow
 def test_output_convention_override_writes_internal_labels(tmp_path, make_brats_folder):
     bundle = constant_student(tmp_path / "bundle", 3)
     data = make_brats_folder(tmp_path / "brats2020", "brats2020", num_cases=1, labels_present=False)
@@ -78,7 +80,7 @@ def test_output_convention_override_writes_internal_labels(tmp_path, make_brats_
         cwd=BUNDLE_ROOT, check=True, capture_output=True,
     )  # fmt: skip
     written = nib.load(out / "BraTS20_Training_001_seg.nii.gz")
-    assert np.unique(np.asanyarray(written.dataobj)).tolist() == [3]
+    assert np.unique(np.asanyarray(written.dataobj)).tolist() == [0, 3]
 
 
 @pytest.fixture
@@ -120,7 +122,7 @@ def test_one_file_study_finds_its_sibling_sequences(
     assert pred.dtype == torch.uint8
     assert tuple(pred.shape) == (1, 20, 24, 8)
     np.testing.assert_allclose(pred.affine.numpy(), nib.load(study).affine)
-    assert torch.unique(pred).tolist() == [3]  # enhancing, as channel_def names it, for BraTS 2020 (4) too
+    assert torch.unique(pred).tolist() == [0, 3]  # 0 outside the brain; enhancing as channel_def names it (2020: 4)
 
 
 @pytest.mark.parametrize(
@@ -135,7 +137,8 @@ def test_monai_label_gets_labels_in_the_values_channel_def_names_for_every_layou
     pred = monai_label_style_pipeline(bundle)(study)["pred"]
     names = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]
     expected_name = {1: "necrotic and non-enhancing tumour core", 2: "peritumoral edema", 3: "enhancing tumour"}
-    [value] = torch.unique(pred).tolist()
+    [outside_the_brain, value] = torch.unique(pred).tolist()
+    assert outside_the_brain == 0
     assert names["pred"]["channel_def"][str(value)] == expected_name[internal_class]
 
 
@@ -146,7 +149,7 @@ def test_label_convention_release_keeps_release_values_in_a_monai_label_environm
     data = make_brats_folder(tmp_path / "brats2020", "brats2020", num_cases=1, labels_present=False)
     study = first_file(find_cases(data, require_label=False)[0])
     pred = monai_label_style_pipeline(bundle, label_convention="release")(study)["pred"]
-    assert torch.unique(pred).tolist() == [4]
+    assert torch.unique(pred).tolist() == [0, 4]
 
 
 def test_one_file_study_accepts_a_multichannel_nifti(tmp_path, monai_label_environment):

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.package_bundle import WEIGHTS, file_md5, package_bundle
 from scripts.separable_unet import SeparableUNet
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.package_bundle import WEIGHTS, file_md5, package_bundle
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 NAME = "brats_kd_test"
@@ -42,12 +42,15 @@ def run_python(*args: str, cwd: Path = BUNDLE_ROOT) -> subprocess.CompletedProce
 
 
 def make_bundle_copy(root: Path, with_model: bool = True) -> Path:
-    """A copy of this bundle's files in ``root`` with a freshly initialised student as ``models/model.pt``."""
+    """A copy of this bundle's repository files in ``root`` with a freshly initialised student as ``models/model.pt``.
+
+    The developer tools and tests are copied too, so that the release can be checked to leave them out.
+    """
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for folder in ("configs", "scripts", "docs"):
+    for folder in ("configs", "scripts", "docs", "tools", "tests"):
         if (BUNDLE_ROOT / folder).is_dir():
             shutil.copytree(BUNDLE_ROOT / folder, root / folder, ignore=ignore)
-    for file in ("LICENSE", "large_files.yml"):
+    for file in ("LICENSE", "large_files.yml", "README.md", "pyproject.toml", "requirements.txt"):
         if (BUNDLE_ROOT / file).is_file():
             shutil.copy2(BUNDLE_ROOT / file, root / file)
     (root / "models").mkdir()
@@ -85,7 +88,7 @@ def released(tmp_path_factory) -> dict:
     (source / "scripts" / "notes.txt").write_text("not a module")
     dist = tmp_path_factory.mktemp("dist")
     result = run_python(
-        "-m", "scripts.package_bundle", "--output_dir", str(dist), "--bundle_root", str(source), "--name", NAME,
+        "-m", "tools.package_bundle", "--output_dir", str(dist), "--bundle_root", str(source), "--name", NAME,
         "--base_url", "https://example.org/release/v{version}",
     )  # fmt: skip
     zip_path = dist / f"{NAME}_v{VERSION}.zip"
@@ -98,21 +101,27 @@ def released(tmp_path_factory) -> dict:
     return {"source": source, "zip": zip_path, "stdout": result.stdout, "bundle": downloads / NAME}
 
 
-def test_release_zip_holds_one_bundle_folder_with_python_scripts_only(released):
+@pytest.mark.slow
+def test_release_zip_holds_the_runtime_only(released):
+    source = released["source"]
     with zipfile.ZipFile(released["zip"]) as archive:
-        names = archive.namelist()
-    assert {n.split("/")[0] for n in names} == {NAME}
-    for required in ("configs/metadata.json", "models/model.pt", "LICENSE", "large_files.yml", "scripts/__init__.py"):
-        assert f"{NAME}/{required}" in names
-    scripts = [n for n in names if n.startswith(f"{NAME}/scripts/")]
-    assert scripts and all(n.endswith(".py") and "__pycache__" not in n for n in scripts)
-    assert f"{NAME}/models/teacher.pt" not in names  # none in the source bundle
+        names = sorted(archive.namelist())
+    runtime = [p for folder in ("configs", "docs") for p in (source / folder).rglob("*") if p.is_file()]
+    runtime += list((source / "scripts").glob("*.py")) + [source / "models" / "model.pt", source / "LICENSE"]
+    expected = [f"{NAME}/{p.relative_to(source).as_posix()}" for p in runtime] + [f"{NAME}/large_files.yml"]
+    assert names == sorted(expected)
+    # no developer tool, test or build file, and of scripts/ only the modules (no caches, no other files)
+    assert not [n for n in names if n.split("/")[1] in ("tools", "tests", "README.md", "pyproject.toml")]
+    assert not [n for n in names if n.startswith(f"{NAME}/scripts/") and not n.endswith(".py")]
+    assert not [n for n in names if any(word in n for word in ("benchmark.py", "demo", "package_bundle"))]
 
 
+@pytest.mark.slow
 def test_cli_prints_the_md5_of_the_zip(released):
     assert re.search(rf"md5 {file_md5(released['zip'])}\s+{released['zip'].name}", released["stdout"])
 
 
+@pytest.mark.slow
 def test_printed_md5_lets_monai_verify_the_downloaded_zip(released, tmp_path):
     from monai.apps import download_url
     from monai.apps.utils import HashCheckError
@@ -128,6 +137,7 @@ def test_printed_md5_lets_monai_verify_the_downloaded_zip(released, tmp_path):
     assert not (tmp_path / "bad.zip").exists()
 
 
+@pytest.mark.slow
 def test_download_from_url_extracts_the_bundle_with_identical_files(released):
     source, bundle = released["source"], released["bundle"]
     assert file_md5(bundle / "models" / "model.pt") == file_md5(source / "models" / "model.pt")
@@ -137,6 +147,7 @@ def test_download_from_url_extracts_the_bundle_with_identical_files(released):
     assert packaged_scripts == sorted(p.name for p in (source / "scripts").glob("*.py"))
 
 
+@pytest.mark.slow
 def test_packaged_large_files_yml_records_the_md5_of_the_weights(released):
     bundle = released["bundle"]
     text = (bundle / "large_files.yml").read_text()
@@ -148,6 +159,7 @@ def test_packaged_large_files_yml_records_the_md5_of_the_weights(released):
     download_large_files(bundle_path=str(bundle))
 
 
+@pytest.mark.slow
 def test_downloaded_bundle_runs_inference_on_a_folder(released, tmp_path):
     bundle = released["bundle"]
     if not (bundle / "configs" / "inference.json").is_file():

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -23,7 +22,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from scripts.separable_unet import SeparableUNet
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 QUICK = "--patch_size 32 --patches_per_case 2 --batch_size 1 --infer_batch_size 16".split()
@@ -32,6 +31,8 @@ NARROW_TEACHER = ["--teacher_def#channels", "[8,16,32,64,128]"]  # teacher.json'
 DISTILL = "['configs/train.json','configs/distill.json']"
 TEACHER = "['configs/train.json','configs/teacher.json']"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.slow  # every test runs the bundle in subprocesses
 
 
 def bundle_command(*args: str) -> list[str]:
@@ -199,26 +200,19 @@ def test_teacher_training_killed_mid_run_resumes_at_the_next_epoch(data, tmp_pat
     args = ["training", "--config_file", TEACHER, "--bundle_root", str(bundle), *data_args(data)]
     args += ["--epochs", "6", *QUICK, *NARROW_TEACHER]
     last = bundle / "models" / "teacher_last.pt"
-    process = subprocess.Popen(
-        bundle_command(*args), cwd=BUNDLE_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)  # well into the next epoch
-        assert process.poll() is None, "the run ended before it could be interrupted"
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # the same run, killed (SIGKILL) by a handler of its own in its third epoch: two epochs done and saved
+    kill = tmp_path / "kill_in_epoch_3.json"
+    kill.write_text(json.dumps({"+train#handlers": [{"_target_": "tests.interruption.KillDuringEpoch", "epoch": 3}]}))
+    killed_args = list(args)
+    killed_args[2] = TEACHER.replace("]", f",'{kill}']")
+    killed_run = run(bundle_command(*killed_args), check=False)
+    assert killed_run.returncode == -signal.SIGKILL, killed_run.stderr[-3000:]
     # no truncated checkpoint: every models/*.pt loads; only hidden temporary files may be left over
     assert {p.name for p in (bundle / "models").glob("*.pt")} == {"teacher.pt", "teacher_last.pt"}
     killed = torch.load(last, weights_only=True)
     torch.load(bundle / "models" / "teacher.pt", weights_only=True)
     done = killed["trainer"]["iteration"] // killed["trainer"]["epoch_length"]
-    assert 1 <= done < 6
+    assert done == 2
 
     result = run(bundle_command(*args, "--resume", "true"))
     output = result.stdout + result.stderr

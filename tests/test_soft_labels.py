@@ -12,10 +12,10 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from torch import nn
 
-from scripts.compare_models import load_config
 from scripts.distillation_loss import DistillationLoss
 from scripts.soft_labels import TeacherSoftLabelsd, soft_labels_from_logits
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.bundle_config import DISTILL_CONFIGS, bundle_configs, load_config
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 TEMPERATURE = 2.0
@@ -83,6 +83,18 @@ def test_teacher_runs_once_per_case_and_again_when_its_weights_change(tmp_path, 
     assert len(calls) == 3, "another temperature is another target"
 
 
+def test_truncated_cache_file_is_recomputed_with_a_warning_naming_it(tmp_path, trained_like_network):
+    teacher = trained_like_network(TEACHER_CHANNELS, dropout=0.5)
+    transform = TeacherSoftLabelsd("image", teacher, str(tmp_path), TEMPERATURE)
+    expected = transform(_case())["teacher_probs"]
+    cache_file = tmp_path / "BraTS20_Training_001.pt"
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # truncated (a full disk, an interrupted copy)
+    with pytest.warns(UserWarning, match=rf"{cache_file}.*computed again"):
+        recomputed = transform(_case())["teacher_probs"]
+    assert torch.equal(recomputed, expected)
+    assert torch.equal(transform(_case())["teacher_probs"], expected), "the file was replaced by a readable one"
+
+
 def test_volume_sides_not_divisible_by_the_network_grid_are_padded_for_the_teacher_only(tmp_path, trained_like_network):
     case = {"image": MetaTensor(torch.randn(3, 40, 36, 3), meta={"case_id": "odd"})}
     probs = TeacherSoftLabelsd(
@@ -117,7 +129,7 @@ def test_kd_term_needs_exactly_one_kind_of_teacher_target():
 
 
 def _distill_random_transforms(soft_labels: str, kd_weight: float = 0.5) -> tuple[ConfigParser, object]:
-    parser = load_config(str(BUNDLE_ROOT / "configs" / "distill.json"), str(BUNDLE_ROOT), str(BUNDLE_ROOT))
+    parser = load_config(bundle_configs(str(BUNDLE_ROOT), DISTILL_CONFIGS), str(BUNDLE_ROOT), str(BUNDLE_ROOT))
     parser["soft_labels"] = soft_labels
     parser["kd_weight"] = kd_weight
     parser["patch_size"] = 32
@@ -155,7 +167,7 @@ def test_online_mode_and_the_student_alone_keep_the_teacher_out_of_the_data_pipe
 def test_random_training_transforms_leave_the_cached_volumes_untouched(tmp_path):
     """``train#dataset`` does not copy its cache each epoch (``copy_cache`` false): nothing may write into it."""
     write_synthetic_dataset(tmp_path / "data", num_cases=4, shape=(48, 48, 16))
-    config = str(BUNDLE_ROOT / "configs" / "distill.json")
+    config = bundle_configs(str(BUNDLE_ROOT), DISTILL_CONFIGS)
     torch.save(load_config(config, str(BUNDLE_ROOT), str(tmp_path)).get_parsed_content("teacher_def").state_dict(),
                tmp_path / "teacher.pt")  # fmt: skip
     overrides = {"teacher_ckpt": str(tmp_path / "teacher.pt"), "soft_label_dir": str(tmp_path / "cache")}

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.synthetic_brats import SEQUENCES, main, make_synthetic_case, write_synthetic_dataset
+from tools.synthetic_brats import SEQUENCES, main, make_synthetic_case, write_synthetic_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (48, 48, 32)
@@ -156,11 +156,12 @@ def test_invalid_num_cases_raises_value_error(tmp_path: Path) -> None:
         write_synthetic_dataset(tmp_path, num_cases=0, shape=TINY)
 
 
+@pytest.mark.slow
 def test_command_line_writes_cases_and_accepts_both_shape_spellings(tmp_path: Path) -> None:
     out = tmp_path / "synthetic"
     args = ["--output_dir", str(out), "--num_cases", "2"]
     result = subprocess.run(
-        [sys.executable, "-m", "scripts.synthetic_brats", *args, "--shape", "32,32,16"],
+        [sys.executable, "-m", "tools.synthetic_brats", *args, "--shape", "32,32,16"],
         cwd=REPO_ROOT,
         check=False,
         capture_output=True,

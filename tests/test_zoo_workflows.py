@@ -13,7 +13,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.synthetic_brats import write_synthetic_dataset
+from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = BUNDLE_ROOT / "configs"

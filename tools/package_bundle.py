@@ -3,13 +3,14 @@
 
 The zip ``<output_dir>/<name>_v<version>.zip`` holds one top-level folder ``<name>/`` with ``configs/``,
 ``scripts/`` (``*.py`` only), ``docs/``, ``models/`` (``model.pt``, and ``teacher.pt`` when present), ``LICENSE``
-and a ``large_files.yml`` recording the url and md5 of each packaged checkpoint. MONAI's ``download --url``
+and a ``large_files.yml`` recording the url and md5 of each packaged checkpoint: what the bundle runs, and none of
+the developer tools (``tools/``), tests or build files. MONAI's ``download --url``
 saves the zip as ``<bundle_dir>/<name>.zip`` and extracts it into ``<bundle_dir>``, so the bundle lands in
 ``<bundle_dir>/<name>/`` (the layout ``--source github`` also expects of ``<name>_v<version>.zip`` assets).
 
 Usage, from the bundle root::
 
-    python -m scripts.package_bundle --output_dir dist
+    python -m tools.package_bundle --output_dir dist
     python -m monai.bundle download --name brats_kd_segmentation --url <url of the zip> --bundle_dir <dir>
 
 The zip is reproducible (sorted entries, fixed timestamps), so packaging the same files twice gives the same md5.

@@ -3,8 +3,8 @@
 
 Every step is the command a user would type, printed before it runs, so the demo doubles as a walk-through::
 
-    python -m scripts.demo                 # about 4 minutes on 2 CPU cores
-    python -m scripts.demo --epochs_scale 4  # longer training, better figures
+    python -m tools.demo                 # about 4 minutes on 2 CPU cores
+    python -m tools.demo --epochs_scale 4  # longer training, better figures
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ DEMO_KNOBS = ["--patch_size", "64", "--patches_per_case", "16", "--batch_size", 
 # the teacher: configs/train.json (which trains the deployed student) with the teacher's override merged on it
 TEACHER_CONFIGS = "['configs/train.json','configs/teacher.json']"
 TEACHER_EVALUATE_CONFIGS = "['configs/train.json','configs/teacher.json','configs/evaluate.json']"
+# the distillation: configs/distill.json adds the teacher, soft labels and loss to configs/train.json
+DISTILL_CONFIGS = "['configs/train.json','configs/distill.json']"
 
 
 def _shell_text(command: list[str]) -> str:
@@ -70,7 +72,7 @@ def main(
         [
             python,
             "-m",
-            "scripts.synthetic_brats",
+            "tools.synthetic_brats",
             "--output_dir",
             dataset_dir,
             "--num_cases",
@@ -85,12 +87,12 @@ def main(
                        "--epochs", str(teacher_epochs), "--val_interval", teacher_val])  # fmt: skip
     _run(bundle_run + ["evaluating", "--config_file", TEACHER_EVALUATE_CONFIGS, *data,
                        "--output_dir", "eval/teacher"])  # fmt: skip
-    _run(bundle_run + ["training", "--config_file", "configs/distill.json", *data, *DEMO_KNOBS,
+    _run(bundle_run + ["training", "--config_file", DISTILL_CONFIGS, *data, *DEMO_KNOBS,
                        "--epochs", str(student_epochs), "--val_interval", student_val])  # fmt: skip
-    _run(bundle_run + ["training", "--config_file", "configs/distill.json", *data, *DEMO_KNOBS,
+    _run(bundle_run + ["training", "--config_file", DISTILL_CONFIGS, *data, *DEMO_KNOBS,
                        "--epochs", str(student_epochs), "--val_interval", student_val, "--kd_weight", "0",
                        "--ckpt_name", "student_alone.pt", "--log_dir", "runs/student_alone"])  # fmt: skip
-    _run([python, "-m", "scripts.compare_models", *data, "--output_dir", results_dir])
+    _run([python, "-m", "tools.compare_models", *data, "--output_dir", results_dir])
     print(
         f"\nDemo finished in {time.perf_counter() - start:.0f} s.\n"
         f"  teacher checkpoint:          {BUNDLE_ROOT / 'models' / 'teacher.pt'}\n"

@@ -7,7 +7,7 @@ are written as docs-ready files in ``output_dir``: ``comparison.md`` (a markdown
 figures plus per-case metrics), ``comparison_cases.csv`` (one row per model and case) and ``comparison.png`` (label
 overlays on the axial slice with most tumour of each case). Example::
 
-    python -m scripts.compare_models --dataset_dir data/synthetic --output_dir docs/results
+    python -m tools.compare_models --dataset_dir data/synthetic --output_dir docs/results
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import fire
 import matplotlib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.data import decollate_batch, list_data_collate
 from monai.inferers import Inferer
 from torch import nn
@@ -35,17 +34,18 @@ from tqdm import tqdm
 
 from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import canonical_sequences
-from scripts.brats_regions import region_names
-from scripts.flops import conv_gflops
+from scripts.brats_regions import region_names, regions_to_labels
 from scripts.metrics_report import case_metrics
 from scripts.teacher import TeacherCheckpointError, load_teacher
+from tools.bundle_config import DISTILL_CONFIGS, bundle_configs, load_config
+from tools.flops import conv_gflops
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["MODELS", "compare_models", "load_config", "main"]
+__all__ = ["MODELS", "compare_models", "main"]
 
 # model key -> (name in the reports, config id of its architecture, default checkpoint in <bundle_root>/models)
 MODELS = {
@@ -63,38 +63,6 @@ SLICE_SIZE = 128  # side of the slice the GFLOPs are reported for
 # internal label -> (colour, name); label 0 is left transparent
 LABEL_COLOURS = {1: ("#e41a1c", "necrotic / non-enhancing core"), 2: ("#4daf4a", "edema"), 3: ("#ffd700", "enhancing")}
 _LABEL_CMAP = ListedColormap([(0.0, 0.0, 0.0, 0.0)] + [colour for colour, _ in LABEL_COLOURS.values()])
-
-
-def load_config(
-    config_file: str | Sequence[str], bundle_root: str, dataset_dir: str, overrides: dict[str, Any] | None = None
-) -> ConfigParser:
-    """Read a config with its ``%configs/...`` macros resolved and the given ids set.
-
-    Args:
-        config_file: the config (``configs/distill.json``), or a list of configs merged in order, as
-            ``monai.bundle run`` merges them (e.g. ``configs/train.json`` then ``configs/teacher.json``).
-        bundle_root: the bundle root, which the config's macros are relative to.
-        dataset_dir: the dataset folder.
-        overrides: further config ids to set, e.g. ``{"teacher_def#channels": [8, 16, 32, 64, 128]}``.
-
-    Returns:
-        the parser, not yet parsed.
-    """
-    bundle_root = os.path.abspath(bundle_root)
-    parser = ConfigParser()
-    files = [config_file] if isinstance(config_file, str) else list(config_file)
-    parser.read_config([os.path.abspath(f) for f in files])
-    cwd = os.getcwd()
-    os.chdir(bundle_root)
-    try:
-        parser.resolve_macro_and_relative_ids()
-    finally:
-        os.chdir(cwd)
-    parser["bundle_root"] = bundle_root
-    parser["dataset_dir"] = os.path.abspath(dataset_dir)
-    for config_id, value in (overrides or {}).items():
-        parser[config_id] = value
-    return parser
 
 
 def _load_network(key: str, network: nn.Module, path: str) -> nn.Module:
@@ -212,7 +180,7 @@ def compare_models(
     teacher_ckpt: str | None = None,
     baseline_ckpt: str | None = None,
     student_ckpt: str | None = None,
-    config_file: str | None = None,
+    config_file: str | Sequence[str] | None = None,
     latency_repeats: int = 3,
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -233,9 +201,10 @@ def compare_models(
             default ``<bundle_root>/models/student_alone.pt``.
         student_ckpt: distilled student checkpoint (architecture ``network_def``); default
             ``<bundle_root>/models/model.pt``.
-        config_file: the distillation config; default ``<bundle_root>/configs/distill.json``.
+        config_file: the distillation config, or configs merged in order; default ``configs/train.json`` then
+            ``configs/distill.json`` of the bundle root.
         latency_repeats: timed runs of each network per case, after one warm-up run per network.
-        overrides: further config ids to set (see :func:`load_config`).
+        overrides: further config ids to set (see :func:`tools.bundle_config.load_config`).
 
     Returns:
         the results, as written to ``comparison.json``, plus ``files``: the paths written.
@@ -257,7 +226,7 @@ def compare_models(
             raise FileNotFoundError(
                 f"{MODELS[key][0]} checkpoint {path} not found: {_TRAINING_HINTS[key]} or pass its path."
             )
-    config_file = config_file or os.path.join(bundle_root, "configs", "distill.json")
+    config_file = config_file or bundle_configs(bundle_root, DISTILL_CONFIGS)
     parser = load_config(config_file, bundle_root, dataset_dir, overrides)
     num_classes = parser.get_parsed_content("num_classes")
     regions = region_names(num_classes)
@@ -303,9 +272,9 @@ def compare_models(
                     inferer(image, network)
                 logits, runs = _timed(inferer, image, network, latency_repeats)
                 times[key] += runs
-                item = decollate_batch({"pred": logits, "label": batch["label"]})[0]
-                argmax = item["pred"].argmax(dim=0)
-                regions_out = postprocessing(item)
+                item = decollate_batch({"pred": logits, "label": batch["label"], "image": batch["image"]})[0]
+                regions_out = postprocessing(item)  # argmax, background outside the brain, regions
+                argmax = regions_to_labels(regions_out["pred"])[0]
                 metrics = case_metrics(regions_out["pred"], regions_out["label"], regions)
                 per_case[key].append({"case_id": case["case_id"], **metrics, "latency_s": statistics.median(runs)})
                 if figure_slice is not None:
@@ -373,7 +342,7 @@ def main(
     teacher_ckpt: str | None = None,
     baseline_ckpt: str | None = None,
     student_ckpt: str | None = None,
-    config_file: str | None = None,
+    config_file: str | list[str] | None = None,
     latency_repeats: int = 3,
     overrides: dict[str, Any] | None = None,
 ) -> None:
@@ -387,7 +356,7 @@ def main(
         teacher_ckpt: teacher checkpoint; default ``<bundle_root>/models/teacher.pt``.
         baseline_ckpt: student-alone checkpoint; default ``<bundle_root>/models/student_alone.pt``.
         student_ckpt: distilled student checkpoint; default ``<bundle_root>/models/model.pt``.
-        config_file: the distillation config; default ``<bundle_root>/configs/distill.json``.
+        config_file: the distillation config (or a list); default ``configs/train.json`` then ``configs/distill.json``.
         latency_repeats: timed runs of each network per case.
         overrides: further config ids, e.g. ``--overrides '{"num_classes": 2}'``.
     """

@@ -9,7 +9,7 @@ uint8 label on a 1 mm LPS grid, so the bundle's real-data loaders read them unch
 
 Example::
 
-    python -m scripts.synthetic_brats --output_dir data/synthetic --num_cases 12 --shape "[96,96,64]"
+    python -m tools.synthetic_brats --output_dir data/synthetic --num_cases 12 --shape "[96,96,64]"
 """
 
 from __future__ import annotations
