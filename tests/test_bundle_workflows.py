@@ -120,7 +120,7 @@ def test_online_distillation_runs_without_a_soft_label_cache(teacher_run, synthe
         "training", "--config_file", DISTILL, "--bundle_root", str(root), "--dataset_dir",
         str(synthetic_dir), "--soft_labels", "online", "--soft_label_dir", str(tmp_path / "cache"),
         "--ckpt_dir", str(tmp_path / "models"), "--teacher_ckpt", str(root / "models" / "teacher.pt"),
-        "--teacher_validation", "false", *QUICK,
+        "--teacher_validation", "False", *QUICK,
     )  # fmt: skip
     SeparableUNet(3, 4).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
     assert not (tmp_path / "cache").exists()

@@ -55,8 +55,8 @@ MODELS = {
 }
 _TRAINING_HINTS = {
     "teacher": "train the teacher first (configs/train.json with configs/teacher.json merged on it)",
-    "student_alone": "train the student without distillation first (configs/distill.json with kd_weight 0)",
-    "student_kd": "distil the student first (configs/distill.json)",
+    "student_alone": "train the student without a teacher first (configs/train.json --ckpt_name student_alone.pt)",
+    "student_kd": "distil the student first (configs/train.json with configs/distill.json merged on it)",
 }
 FIGURE_MAX_CASES = 6
 SLICE_SIZE = 128  # side of the slice the GFLOPs are reported for

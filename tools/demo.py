@@ -89,8 +89,8 @@ def main(
                        "--output_dir", "eval/teacher"])  # fmt: skip
     _run(bundle_run + ["training", "--config_file", DISTILL_CONFIGS, *data, *DEMO_KNOBS,
                        "--epochs", str(student_epochs), "--val_interval", student_val])  # fmt: skip
-    _run(bundle_run + ["training", "--config_file", DISTILL_CONFIGS, *data, *DEMO_KNOBS,
-                       "--epochs", str(student_epochs), "--val_interval", student_val, "--kd_weight", "0",
+    _run(bundle_run + ["training", "--config_file", "configs/train.json", *data, *DEMO_KNOBS,
+                       "--epochs", str(student_epochs), "--val_interval", student_val,
                        "--ckpt_name", "student_alone.pt", "--log_dir", "runs/student_alone"])  # fmt: skip
     _run([python, "-m", "tools.compare_models", *data, "--output_dir", results_dir])
     print(
