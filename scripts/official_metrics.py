@@ -29,7 +29,6 @@ import pandas as pd
 import torch
 from brats_evaluation import config_path, parse_seg_results
 from panoptica import Panoptica_Evaluator
-
 from scripts.brats_data import LABEL_MAPS
 from scripts.brats_loading import map_release_labels
 from scripts.brats_output import internal_to_release
