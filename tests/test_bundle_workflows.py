@@ -324,4 +324,4 @@ def test_real_brats_case_trains_and_evaluates_as_it_is(tmp_path):
     )  # fmt: skip
     with open(tmp_path / "eval" / "metrics_test.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["case_id"] for r in rows] == ["TCGA-DU-7294", "mean"]
+    assert [r["case_id"] for r in rows] == ["TCGA-DU-7294", "mean", "std", "median"]

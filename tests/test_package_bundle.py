@@ -141,8 +141,8 @@ def test_printed_md5_lets_monai_verify_the_downloaded_zip(released, tmp_path):
 def test_download_from_url_extracts_the_bundle_with_identical_files(released):
     source, bundle = released["source"], released["bundle"]
     assert file_md5(bundle / "models" / "model.pt") == file_md5(source / "models" / "model.pt")
-    for config in sorted((source / "configs").iterdir()):
-        assert (bundle / "configs" / config.name).read_bytes() == config.read_bytes()
+    for config in sorted(p for p in (source / "configs").rglob("*") if p.is_file()):
+        assert (bundle / config.relative_to(source)).read_bytes() == config.read_bytes()
     packaged_scripts = sorted(p.name for p in (bundle / "scripts").iterdir())
     assert packaged_scripts == sorted(p.name for p in (source / "scripts").glob("*.py"))
 
