@@ -45,7 +45,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-__all__ = ["MODELS", "compare_models", "main"]
+__all__ = ["LABEL_CMAP", "LABEL_COLOURS", "MODELS", "compare_models", "main", "save_label_figure"]
 
 # model key -> (name in the reports, config id of its architecture, default checkpoint in <bundle_root>/models)
 MODELS = {
@@ -62,7 +62,7 @@ FIGURE_MAX_CASES = 6
 SLICE_SIZE = 128  # side of the slice the GFLOPs are reported for
 # internal label -> (colour, name); label 0 is left transparent
 LABEL_COLOURS = {1: ("#e41a1c", "necrotic / non-enhancing core"), 2: ("#4daf4a", "edema"), 3: ("#ffd700", "enhancing")}
-_LABEL_CMAP = ListedColormap([(0.0, 0.0, 0.0, 0.0)] + [colour for colour, _ in LABEL_COLOURS.values()])
+LABEL_CMAP = ListedColormap([(0.0, 0.0, 0.0, 0.0)] + [colour for colour, _ in LABEL_COLOURS.values()])
 
 
 def _load_network(key: str, network: nn.Module, path: str) -> nn.Module:
@@ -139,7 +139,7 @@ def _write_figure(path: str, slices: list[dict[str, Any]], results: dict[str, An
         for ax, column in zip(row[1:], columns):
             ax.imshow(
                 case["labels"][column].T,
-                cmap=_LABEL_CMAP,
+                cmap=LABEL_CMAP,
                 vmin=0,
                 vmax=3,
                 alpha=0.7,
@@ -150,7 +150,18 @@ def _write_figure(path: str, slices: list[dict[str, Any]], results: dict[str, An
                 ax.set_title("ground truth", fontsize=8)
             else:
                 ax.set_title(f"{models[column]['name']}\nDice WT {case['dice_wt'][column]:.3f}", fontsize=8)
-    labels = LABEL_COLOURS if results["num_classes"] == 4 else {1: (LABEL_COLOURS[1][0], "tumour")}
+    save_label_figure(fig, path, results["num_classes"])
+
+
+def save_label_figure(fig: plt.Figure, path: str, num_classes: int) -> None:
+    """Add the label colours' legend to a figure of label overlays, write it as a PNG atomically and close it.
+
+    Args:
+        fig: the figure, its overlays drawn with :data:`LABEL_CMAP`.
+        path: the PNG file.
+        num_classes: 4 (the BraTS classes) or 2 (whole tumour).
+    """
+    labels = LABEL_COLOURS if num_classes > 2 else {1: (LABEL_COLOURS[1][0], "tumour")}
     fig.legend(
         handles=[Patch(color=colour, label=name) for colour, name in labels.values()],
         loc="outside lower center",

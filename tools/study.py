@@ -71,17 +71,16 @@ from monai.data import list_data_collate
 from torch import nn
 from tqdm import tqdm
 
-from scripts.atomic_files import atomic_path, write_text_atomic
+from scripts.atomic_files import write_text_atomic
 from scripts.brats_data import canonical_sequences
 from scripts.brats_output import brain_mask
 from scripts.brats_regions import region_names
 from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint, read_checkpoint
+from tools.compare_models import LABEL_CMAP, save_label_figure
 from tools.flops import conv_gflops
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
-from matplotlib.colors import ListedColormap  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 
 __all__ = [
     "METRICS",
@@ -297,8 +296,6 @@ SLICE_SIZE = 128  # side of the slice the GFLOPs are reported for
 POLL_SECONDS = 2.0
 LOG_TAIL_LINES = 20
 # internal label -> (colour, name); label 0 is left transparent
-LABEL_COLOURS = {1: ("#e41a1c", "necrotic / non-enhancing core"), 2: ("#4daf4a", "edema"), 3: ("#ffd700", "enhancing")}
-_LABEL_CMAP = ListedColormap([(0.0, 0.0, 0.0, 0.0)] + [colour for colour, _ in LABEL_COLOURS.values()])
 _EPOCH_COMPLETE = re.compile(r"Trainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):(\d+(?:\.\d*)?)")
 
 
@@ -927,22 +924,13 @@ def _write_figure(
         for ax, column in zip(row[1:], columns):
             labels = case["labels"][column]
             num_classes = max(num_classes, int(labels.max()) + 1)
-            ax.imshow(labels.T, cmap=_LABEL_CMAP, vmin=0, vmax=3, alpha=0.7, origin="lower", interpolation="nearest")
+            ax.imshow(labels.T, cmap=LABEL_CMAP, vmin=0, vmax=3, alpha=0.7, origin="lower", interpolation="nearest")
             title = titles[column]
             dice = tables[column].cases.get(case["case_id"], {}).get("legacy_dice", {}) if column in tables else {}
             if dice.get("WT") is not None:
                 title += f"\nDice WT {dice['WT']:.3f}"
             ax.set_title(title, fontsize=8)
-    legend = LABEL_COLOURS if num_classes > 2 else {1: (LABEL_COLOURS[1][0], "tumour")}
-    fig.legend(
-        handles=[Patch(color=colour, label=name) for colour, name in legend.values()],
-        loc="outside lower center",
-        ncol=len(legend),
-        fontsize=8,
-    )
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    save_label_figure(fig, path, num_classes)
 
 
 def _cell(value: float | None, digits: int) -> str:
