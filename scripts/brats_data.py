@@ -36,6 +36,7 @@ __all__ = [
     "canonical_sequences",
     "detect_layout",
     "find_cases",
+    "find_unlabelled_cases",
     "load_datalist",
     "select_split",
     "split_cases",
@@ -64,6 +65,7 @@ LABEL_MAPS = {
 }
 
 SPLITS = ("training", "validation", "test")
+UNLABELLED = "unlabelled"  # the datalist list of cases used without their labels (distillation)
 _SEPARATORS = {"brats2020": "_", "brats2023": "-"}
 _NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 _MSD_DIRS = ("imagesTr", "imagesTs", "labelsTr", "labelsTs")
@@ -328,30 +330,67 @@ def load_datalist(
             case.
     """
     path = _absolute(datalist_file)
-    try:
-        datalist = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BraTSDataError(f"Cannot read datalist {path}: {e}") from e
-    if not isinstance(datalist, dict) or not isinstance(datalist.get("training"), list):
-        raise BraTSDataError(f'Datalist {path} must be a JSON object with a "training" list of cases.')
-    root = _absolute(dataset_dir)
-    sequences = canonical_sequences(modalities)
-    layout = detect_layout(root)
-    candidates = _candidates(root, layout, require_label)
-    splits = {}
-    for split in SPLITS:
-        entries = datalist.get(split, [])
-        if not isinstance(entries, list):
-            raise BraTSDataError(f'Datalist {path}: "{split}" must be a list of cases, got {type(entries).__name__}.')
-        splits[split] = []
-        for entry in entries:
-            case_id = _datalist_case_id(entry, path, split)
-            if case_id not in candidates:
-                raise BraTSDataError(
-                    f'Datalist {path} lists case {case_id!r} in "{split}", but {root} holds no such {layout} case.'
-                )
-            splits[split].append(_make_case(case_id, candidates[case_id], layout, sequences, require_label))
-    return splits
+    datalist = _read_datalist(path)
+    return {split: _datalist_cases(datalist, split, path, dataset_dir, modalities, require_label) for split in SPLITS}
+
+
+def find_unlabelled_cases(
+    dataset_dir: str | os.PathLike,
+    modalities: Sequence[str] = ("flair", "t1ce", "t2"),
+    datalist: str | os.PathLike | None = None,
+    unlabelled_dir: str | os.PathLike | None = None,
+    labelled_cases: Iterable[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """The cases distillation uses without their labels: a datalist's ``unlabelled`` list and an unlabelled folder.
+
+    The ``"unlabelled"`` list of the JSON datalist names cases of ``dataset_dir`` (entries as in
+    :func:`load_datalist`); ``unlabelled_dir`` is a folder of cases in any layout of ``LAYOUTS``, every one of which
+    is used (MSD: ``imagesTr/`` and ``imagesTs/``). A label file next to such a case is never listed, so it is never
+    opened: the teacher's predictions stand in for it (``scripts.unlabelled``).
+
+    Args:
+        dataset_dir: the dataset folder the datalist's case ids refer to.
+        modalities: the sequences to load, in channel order; any alias of ``SEQUENCE_ALIASES``.
+        datalist: the JSON datalist, or None / ``""`` for none.
+        unlabelled_dir: a folder of unlabelled cases, or None / ``""`` for none.
+        labelled_cases: the labelled cases of the run (training, validation and test); an unlabelled case may share
+            neither their case ids nor their patients, so that no validation or test patient is trained on.
+
+    Returns:
+        the datalist's cases in its order, then ``unlabelled_dir``'s sorted by ``case_id``: dicts as
+        :func:`find_cases` returns, without ``label`` and with ``labelled`` False.
+
+    Raises:
+        BraTSDataError: naming the case, if an entry is not in ``dataset_dir``, a case id comes twice, or a case or
+            its patient is also among ``labelled_cases``; or as :func:`find_cases` for a case's files.
+    """
+    cases: list[dict[str, Any]] = []
+    if datalist:
+        path = _absolute(datalist)
+        cases += _datalist_cases(_read_datalist(path), UNLABELLED, path, dataset_dir, modalities, False)
+    if unlabelled_dir:
+        cases += find_cases(unlabelled_dir, modalities, require_label=False)
+    labelled = {case["case_id"]: case for case in labelled_cases}
+    labelled_patients = {case["patient_id"]: case for case in labelled.values()}
+    seen: dict[str, dict[str, Any]] = {}
+    for case in cases:
+        case_id, source = case["case_id"], _source(case)
+        if case_id in seen:
+            raise BraTSDataError(
+                f"Unlabelled case {case_id} is listed twice: {_source(seen[case_id])} and {source}; every "
+                "unlabelled case id must be unique."
+            )
+        other = labelled.get(case_id) or labelled_patients.get(case["patient_id"])
+        if other is not None:
+            raise BraTSDataError(
+                f"Unlabelled case {case_id} ({source}) is also labelled case {other['case_id']} "
+                f"({_source(other)}), or the same patient: remove it from the unlabelled cases, or from the "
+                "datalist's labelled splits."
+            )
+        seen[case_id] = case
+        case.pop("label", None)
+        case["labelled"] = False
+    return cases
 
 
 def build_splits(
@@ -407,6 +446,52 @@ def select_split(splits: dict[str, list[dict[str, Any]]], name: str) -> list[dic
     if name not in splits:
         raise BraTSDataError(f"eval_split {name!r} is not a split; use --eval_split {' | '.join(splits)}.")
     return splits[name]
+
+
+def _read_datalist(path: Path) -> dict[str, Any]:
+    """The JSON object of a datalist file, which must hold a ``training`` list."""
+    try:
+        datalist = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BraTSDataError(f"Cannot read datalist {path}: {e}") from e
+    if not isinstance(datalist, dict) or not isinstance(datalist.get("training"), list):
+        raise BraTSDataError(f'Datalist {path} must be a JSON object with a "training" list of cases.')
+    return datalist
+
+
+def _datalist_cases(
+    datalist: dict[str, Any],
+    split: str,
+    path: Path,
+    dataset_dir: str | os.PathLike,
+    modalities: Sequence[str],
+    require_label: bool,
+) -> list[dict[str, Any]]:
+    """The cases of one list of a datalist, resolved in ``dataset_dir`` and checked, in the list's order."""
+    entries = datalist.get(split, [])
+    if not isinstance(entries, list):
+        raise BraTSDataError(f'Datalist {path}: "{split}" must be a list of cases, got {type(entries).__name__}.')
+    if not entries:
+        return []
+    root = _absolute(dataset_dir)
+    sequences = canonical_sequences(modalities)
+    layout = detect_layout(root)
+    candidates = _candidates(root, layout, require_label)
+    cases = []
+    for entry in entries:
+        case_id = _datalist_case_id(entry, path, split)
+        if case_id not in candidates:
+            raise BraTSDataError(
+                f'Datalist {path} lists case {case_id!r} in "{split}", but {root} holds no such {layout} case.'
+            )
+        cases.append(_make_case(case_id, candidates[case_id], layout, sequences, require_label))
+    return cases
+
+
+def _source(case: dict[str, Any]) -> str:
+    """Where a case's first image file lies, for messages."""
+    image = case["image"]
+    return image if isinstance(image, str) else image[0]
 
 
 def _absolute(path: str | os.PathLike) -> Path:

@@ -13,6 +13,7 @@ from monai.engines import PrepareBatch, default_prepare_batch
 from scripts.checkpoints import CheckpointMismatchError, check_network_checkpoint
 from scripts.distillation_loss import DistillationTarget
 from scripts.soft_labels import SOFT_LABEL_KEY
+from scripts.unlabelled import LABELLED_KEY
 from torch import nn
 
 __all__ = ["SOFT_LABEL_SOURCES", "TeacherCheckpointError", "TeacherTargets", "load_teacher"]
@@ -116,15 +117,19 @@ class TeacherTargets(PrepareBatch):
             kwargs: other ``Tensor.to`` arguments.
 
         Returns:
-            ``(image, DistillationTarget(label, teacher_logits, teacher_probs))``, the teacher entries None when
-            not computed.
+            ``(image, DistillationTarget(label, teacher_logits, teacher_probs, labelled))``, the teacher entries
+            None when not computed, ``labelled`` the batch's ``labelled`` flags (``scripts.unlabelled``) or None
+            when the batch has none.
 
         Raises:
             KeyError: if ``soft_labels`` is ``"cached"`` and the batch holds no soft labels.
         """
         image, label = default_prepare_batch(batchdata, device, non_blocking, **kwargs)
+        labelled = batchdata.get(LABELLED_KEY)
+        if labelled is not None:
+            labelled = torch.as_tensor(labelled, dtype=torch.bool).to(device=device, non_blocking=non_blocking)
         if not self.enabled:
-            return image, DistillationTarget(label)
+            return image, DistillationTarget(label, labelled=labelled)
         if self.soft_labels == "cached":
             if self.soft_label_key not in batchdata:
                 raise KeyError(
@@ -132,10 +137,10 @@ class TeacherTargets(PrepareBatch):
                     "preprocessing must include scripts.soft_labels.TeacherSoftLabelsd before the random transforms."
                 )
             probs = batchdata[self.soft_label_key].to(device=device, non_blocking=non_blocking, **kwargs)
-            return image, DistillationTarget(label, teacher_probs=probs)
+            return image, DistillationTarget(label, teacher_probs=probs, labelled=labelled)
         if self.teacher.training:  # nothing may put the teacher back into training mode
             self.teacher.eval()
         autocast = torch.autocast(self.device_type) if self.amp else contextlib.nullcontext()
         with autocast:
             logits = self.teacher(image)
-        return image, DistillationTarget(label, teacher_logits=logits)
+        return image, DistillationTarget(label, teacher_logits=logits, labelled=labelled)

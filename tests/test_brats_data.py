@@ -16,6 +16,7 @@ from scripts.brats_data import (
     canonical_sequences,
     detect_layout,
     find_cases,
+    find_unlabelled_cases,
     load_datalist,
     select_split,
     split_cases,
@@ -296,3 +297,45 @@ def test_unknown_eval_split_is_refused_naming_the_splits():
         BraTSDataError, match=r"'bogus' is not a split; use --eval_split training \| validation \| test \| all"
     ):
         select_split(splits, "bogus")
+
+
+def test_unlabelled_cases_of_a_datalist_carry_no_label_and_are_marked(tmp_path, make_brats_folder):
+    root = make_brats_folder(tmp_path / "data", "brats2020", num_cases=3)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": ["BraTS20_Training_001"], "unlabelled": ["BraTS20_Training_003"]}))
+    labelled = build_splits(root, datalist=datalist)["all"]
+    cases = find_unlabelled_cases(root, datalist=datalist, labelled_cases=labelled)
+    assert _ids(cases) == ["BraTS20_Training_003"]
+    assert "label" not in cases[0] and cases[0]["labelled"] is False
+    assert cases[0]["image"] == next(c["image"] for c in find_cases(root) if c["case_id"] == "BraTS20_Training_003")
+
+
+def test_every_case_of_an_unlabelled_folder_is_used_without_label_files(tmp_path, make_brats_folder):
+    root = make_brats_folder(tmp_path / "data", "brats2020", num_cases=1)
+    unlabelled_dir = make_brats_folder(tmp_path / "archive", "brats2023", num_cases=3, labels_present=False)
+    cases = find_unlabelled_cases(root, unlabelled_dir=unlabelled_dir, labelled_cases=find_cases(root))
+    assert _ids(cases) == [c["case_id"] for c in find_cases(unlabelled_dir, require_label=False)]
+    assert all("label" not in c and c["labelled"] is False for c in cases)
+
+
+def test_an_unlabelled_case_that_is_also_labelled_is_refused_naming_it(tmp_path, make_brats_folder):
+    root = make_brats_folder(tmp_path / "data", "brats2020", num_cases=2)
+    with pytest.raises(BraTSDataError, match="Unlabelled case BraTS20_Training_002 .* is also labelled case"):
+        find_unlabelled_cases(root, unlabelled_dir=root, labelled_cases=find_cases(root)[1:])
+
+
+def test_an_unlabelled_timepoint_of_a_labelled_patient_is_refused(tmp_path, make_brats_folder):
+    root = make_brats_folder(tmp_path / "data", "brats2023", num_cases=2)  # two timepoints of patient 00001
+    first, second = find_cases(root)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "test": [first["case_id"]], "unlabelled": [second["case_id"]]}))
+    with pytest.raises(BraTSDataError, match=f"Unlabelled case {second['case_id']} .* or the same patient"):
+        find_unlabelled_cases(root, datalist=datalist, labelled_cases=[first])
+
+
+def test_an_unlabelled_case_listed_twice_is_refused(tmp_path, make_brats_folder):
+    root = make_brats_folder(tmp_path / "data", "brats2020", num_cases=2)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "unlabelled": ["BraTS20_Training_001"]}))
+    with pytest.raises(BraTSDataError, match="Unlabelled case BraTS20_Training_001 is listed twice"):
+        find_unlabelled_cases(root, datalist=datalist, unlabelled_dir=root)

@@ -325,3 +325,22 @@ def test_real_brats_case_trains_and_evaluates_as_it_is(tmp_path):
     with open(tmp_path / "eval" / "metrics_test.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == ["TCGA-DU-7294", "mean", "std", "median"]
+
+
+def test_distillation_learns_from_unlabelled_cases_without_opening_their_label_files(
+    teacher_run, synthetic_dir, tmp_path
+):
+    root, *_ = teacher_run
+    archive = write_brats_folder(tmp_path / "archive", "brats2023", num_cases=2, shape=(32, 32, 16))
+    for seg in archive.glob("*/*-seg.nii.gz"):
+        seg.write_bytes(b"not a NIfTI file: reading it would fail")
+    result = run_bundle(
+        "training", "--config_file", DISTILL, "--bundle_root", str(root), "--dataset_dir", str(synthetic_dir),
+        "--unlabelled_dir", str(archive), "--unlabelled_ratio", "1.0", "--ckpt_dir", str(tmp_path / "models"),
+        "--soft_label_dir", str(tmp_path / "cache"), "--teacher_ckpt", str(root / "models" / "teacher.pt"),
+        "--teacher_validation", "False", *QUICK,
+    )  # fmt: skip
+    SeparableUNet(3, 4).load_state_dict(torch.load(tmp_path / "models" / "model.pt", weights_only=True))
+    cached = {p.stem for p in (tmp_path / "cache").glob("*.pt")}
+    assert {p.name for p in archive.iterdir()} <= cached  # the teacher's soft labels of every unlabelled case
+    assert "not a NIfTI" not in result.stdout + result.stderr

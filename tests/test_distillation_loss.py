@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from scripts.distillation_loss import DistillationLoss
+from scripts.distillation_loss import DistillationLoss, DistillationTarget
 
 SHAPE = (2, 4, 3, 5)  # N, C, H, W: small enough for explicit loops over pixels
 
@@ -333,3 +333,100 @@ def test_mask_with_wrong_shape_raises():
 def test_missing_teacher_with_positive_kd_weight_raises():
     with pytest.raises(ValueError, match="teacher_logits"):
         DistillationLoss(kd_weight=0.5)(random_logits(62), class_label(63), None)
+
+
+def loop_pairwise_affinity(student: np.ndarray, teacher: np.ndarray, pool: int) -> float:
+    """The pairwise term by explicit loops: nodes of pool x pool pixels, cosine affinities, mean squared difference."""
+    n, c, h, w = student.shape
+
+    def nodes(probs: np.ndarray) -> list[np.ndarray]:
+        feats = []
+        for y0 in range(0, h, pool):
+            for x0 in range(0, w, pool):
+                block = probs[:, y0 : y0 + pool, x0 : x0 + pool].reshape(c, -1).mean(axis=1)
+                feats.append(block / np.linalg.norm(block))
+        return feats
+
+    total = 0.0
+    for i in range(n):
+        s, t = nodes(student[i]), nodes(teacher[i])
+        pairs = [(a, b) for a in range(len(s)) for b in range(len(s))]
+        total += sum((s[a] @ s[b] - t[a] @ t[b]) ** 2 for a, b in pairs) / len(pairs)
+    return total / n
+
+
+def test_pairwise_term_matches_an_explicit_loop_over_node_pairs():
+    student, teacher = random_logits(0, (2, 4, 8, 8)), random_logits(1, (2, 4, 8, 8))
+    loss = DistillationLoss(temperature=2.0, pairwise_pool=4)
+    term = loss.pairwise_term(student, teacher)
+    expected = loop_pairwise_affinity(
+        torch.softmax(student / 2, 1).numpy(), torch.softmax(teacher / 2, 1).numpy(), pool=4
+    )
+    assert term.item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["softmax", "sigmoid"])
+def test_pairwise_term_is_zero_when_student_matches_teacher(mode):
+    logits = random_logits(2, (2, 3, 16, 16))
+    assert DistillationLoss(mode=mode, pairwise_pool=4).pairwise_term(logits, logits.clone()).item() == 0.0
+
+
+def test_pairwise_term_from_cached_soft_labels_equals_the_term_from_logits():
+    student, teacher = random_logits(3, (2, 4, 16, 16)), random_logits(4, (2, 4, 16, 16))
+    loss = DistillationLoss(temperature=3.0, pairwise_pool=8)
+    cached = torch.softmax(teacher / 3.0, dim=1).half()
+    assert loss.pairwise_term(student, None, cached).item() == pytest.approx(
+        loss.pairwise_term(student, teacher).item(), rel=1e-2
+    )
+
+
+def test_pairwise_term_leaves_out_nodes_where_the_teacher_has_no_target():
+    student, teacher = random_logits(5, (1, 4, 16, 16)), random_logits(6, (1, 4, 16, 16))
+    probs = torch.softmax(teacher, dim=1)
+    padded = probs.clone()
+    padded[..., 8:] = 0  # right half brought in by augmentation padding: no target
+    other_student = student.clone()
+    other_student[..., 8:] = random_logits(7, (1, 4, 16, 8))
+    loss = DistillationLoss(temperature=1.0, pairwise_pool=8)
+    assert loss.pairwise_term(student, None, padded).item() == pytest.approx(
+        loss.pairwise_term(other_student, None, padded).item()
+    )
+
+
+def test_pairwise_weight_adds_the_weighted_pairwise_term():
+    shape = (2, 4, 8, 8)
+    student, teacher, label = random_logits(8, shape), random_logits(9, shape), class_label(10, shape)
+    plain = DistillationLoss(kd_weight=0.5)
+    structured = DistillationLoss(kd_weight=0.5, pairwise_weight=2.0, pairwise_pool=4)
+    expected = plain(student, label, teacher) + 2.0 * structured.pairwise_term(student, teacher)
+    assert structured(student, label, teacher).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("weight, pool", [(-1.0, 8), (float("nan"), 8), (1.0, 0)])
+def test_invalid_pairwise_settings_raise_naming_the_value(weight, pool):
+    with pytest.raises(ValueError, match="pairwise_"):
+        DistillationLoss(pairwise_weight=weight, pairwise_pool=pool)
+
+
+def test_the_supervised_term_is_zero_for_samples_of_unlabelled_cases():
+    student, teacher, label = random_logits(11), random_logits(12), class_label(13)
+    loss = DistillationLoss(kd_weight=0.25)
+    unlabelled = DistillationTarget(label, teacher_logits=teacher, labelled=torch.tensor([False, False]))
+    assert loss(student, unlabelled).item() == pytest.approx(0.25 * loss.kd_term(student, teacher).item())
+    other_label = DistillationTarget(1 - label, teacher_logits=teacher, labelled=torch.tensor([False, False]))
+    assert loss(student, other_label).item() == loss(student, unlabelled).item()  # the label is not read
+
+
+def test_a_mixed_batch_is_supervised_on_its_labelled_samples_only():
+    student, teacher, label = random_logits(14), random_logits(15), class_label(16)
+    loss = DistillationLoss(kd_weight=0.25)
+    mixed = DistillationTarget(label, teacher_logits=teacher, labelled=torch.tensor([True, False]))
+    expected = 0.75 * loss.supervised(student[:1], label[:1]) + 0.25 * loss.kd_term(student, teacher)
+    assert loss(student, mixed).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_a_batch_without_labelled_sample_still_back_propagates_the_kd_term():
+    student = random_logits(17).requires_grad_(True)
+    target = DistillationTarget(class_label(18), teacher_logits=random_logits(19), labelled=torch.tensor([0, 0]))
+    DistillationLoss(kd_weight=0.5)(student, target).backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0

@@ -12,6 +12,7 @@ from scripts.distillation_loss import DistillationLoss, DistillationTarget
 from scripts.separable_unet import SeparableUNet
 from scripts.soft_labels import SOFT_LABEL_KEY
 from scripts.teacher import TeacherCheckpointError, TeacherTargets, load_teacher
+from scripts.unlabelled import LABELLED_KEY
 
 TINY_TEACHER = (8, 16, 32)
 TINY_STUDENT = (4, 8, 16)
@@ -169,3 +170,18 @@ def test_student_alone_baseline_does_not_run_the_teacher(tmp_path):
     trainer.run()
     assert calls == []
     assert trainer.state.output["label"].teacher_logits is None
+
+
+@pytest.mark.parametrize("soft_labels, enabled", [("cached", True), ("online", True), ("cached", False)])
+def test_the_batchs_labelled_flags_reach_the_loss(soft_labels, enabled):
+    targets = TeacherTargets(tiny_teacher(), soft_labels=soft_labels, enabled=enabled)
+    batch = {
+        "image": torch.zeros(2, 3, 16, 16),
+        "label": torch.zeros(2, 1, 16, 16),
+        SOFT_LABEL_KEY: torch.full((2, 4, 16, 16), 0.25),
+        LABELLED_KEY: torch.tensor([True, False]),
+    }
+    _, target = targets(batch)
+    assert target.labelled.tolist() == [True, False]
+    del batch[LABELLED_KEY]
+    assert targets(batch)[1].labelled is None  # a batch of labelled cases only
