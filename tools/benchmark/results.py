@@ -13,6 +13,7 @@ __all__ = [
     "BenchmarkResults",
     "Case",
     "FastPathAgreement",
+    "LossTermCost",
     "Machine",
     "MatmulPeak",
     "ModelLatency",
@@ -148,6 +149,19 @@ class TrainingEpochs:
 
 
 @dataclasses.dataclass
+class LossTermCost:
+    """One training iteration's distillation loss (forward and backward) on cached soft labels."""
+
+    name: str
+    settings: dict[str, Any]  # the configs/distill.json ids it sets
+    batch: int  # patches per iteration
+    patch: int  # side of a patch
+    iteration_runs_s: list[float]
+    iteration_s: float  # median of the runs
+    peak_mib: float | None  # extra memory of one iteration at its peak (``memory_method``); None where unknown
+
+
+@dataclasses.dataclass
 class BenchmarkResults:
     """Everything one benchmark run measured, as written to ``benchmark.json``."""
 
@@ -164,6 +178,7 @@ class BenchmarkResults:
     speedups: list[Speedup]
     training_patch_size: int
     training: dict[str, TrainingEpochs]
+    loss_terms: dict[str, LossTermCost]
     memory_method: str
 
     def speedup(self, model: str, over: str) -> Speedup:
@@ -180,6 +195,10 @@ class BenchmarkResults:
     def training_over_student_alone(self, mode: str) -> float:
         """Seconds per epoch of a training mode over those of the student trained alone."""
         return self.training[mode].epoch_s / self.training["student_alone"].epoch_s
+
+    def patch_cost_over(self, mode: str, reference: str) -> float:
+        """Seconds per training patch of a training mode over those of another (epochs of different sizes)."""
+        return self.training[reference].slices_per_s / self.training[mode].slices_per_s
 
     def to_dict(self) -> dict[str, Any]:
         """The results as plain JSON-ready data."""

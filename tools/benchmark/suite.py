@@ -19,6 +19,7 @@ from scripts.fast_inference import has_onnxruntime
 from tools.benchmark.agreement import fast_path_agreement
 from tools.benchmark.batch_size import fastest_batch_size
 from tools.benchmark.inference import benchmark_inference, speedups
+from tools.benchmark.loss_terms import LOSS_TERMS, benchmark_loss_terms
 from tools.benchmark.machine import describe_machine
 from tools.benchmark.models import TEACHER_CHANNELS, BenchmarkModel, bundle_model, peer_model
 from tools.benchmark.report import markdown_report, write_figure
@@ -34,6 +35,8 @@ REPORT_FILES = ("benchmark.json", "benchmark.md", "benchmark.png")
 PEER_ROI = (240, 240, 160)  # the Model Zoo brats_mri_segmentation bundle's sliding window
 PEER_DIVISOR = 8  # SegResNet with 4 down levels needs every side of its input divisible by 2 ** 3
 TEACHER_BATCH_SIZES = (1, 2, 4, 8)  # slice batch sizes tried for the teacher
+TRAINING_BATCH = 2 * 16  # patches per training iteration: configs/train.json's batch_size x patches_per_case
+NUM_CLASSES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +136,7 @@ def benchmark(
         models["teacher"] = bundle_model(bundle_root, dataset_dir, seg_dir, torch_device, TEACHER_CHANNELS)
         models["segresnet"] = peer_model(dataset_dir, seg_dir, torch_device, roi)
         epochs = 2 if quick else 3 * repeats + 1
-        steps = 1 + len(models) * (2 * repeats + 4) + len(TRAINING_MODES) * epochs
+        steps = 1 + len(models) * (2 * repeats + 4) + len(TRAINING_MODES) * epochs + len(LOSS_TERMS)
         with tqdm(total=steps, desc="benchmark") as progress:
             agreement = fast_path_agreement(student, models["student_plain"], bundle_root, torch_device)
             progress.set_postfix_str("teacher batch size")
@@ -147,6 +150,11 @@ def benchmark(
             training = benchmark_training(
                 bundle_root, dataset_dir, workdir, epochs, workload.training_patch, torch_device, amp, progress.update
             )
+            progress.set_postfix_str("loss terms")
+            loss_terms = benchmark_loss_terms(
+                TRAINING_BATCH, workload.training_patch, NUM_CLASSES, 3 * repeats, torch_device
+            )
+            progress.update(len(LOSS_TERMS))
     results = BenchmarkResults(
         date_utc=date_utc,
         machine=describe_machine(torch_device, amp),
@@ -161,6 +169,7 @@ def benchmark(
         speedups=speedups(latency, ("student", "student_onnxruntime"), ("segresnet", "teacher", "student_plain")),
         training_patch_size=workload.training_patch,
         training=training,
+        loss_terms=loss_terms,
         memory_method=MEMORY_METHOD[torch_device.type],
     )
     output = Path(output_dir)

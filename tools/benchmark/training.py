@@ -1,5 +1,5 @@
 # Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
-"""Job: seconds per training epoch of the bundle's own trainers: teacher, student alone, online and cached KD."""
+"""Job: seconds per training epoch of the bundle's own trainers, teacher, student alone and each way of KD."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from scripts.brats_data import find_cases
 from tools.benchmark.results import TrainingEpochs
 from tools.bundle_config import DISTILL_CONFIGS, TEACHER_CONFIGS, bundle_configs, load_config
 
@@ -27,6 +28,7 @@ class TrainingMode:
     configs: tuple[str, ...]
     overrides: dict[str, Any]
     distillation: bool  # whether the configs hold the teacher (and its checkpoint, soft labels, validation)
+    unlabelled: bool = False  # whether a copy of the training cases joins them as unlabelled cases
 
 
 TRAINING_MODES = {
@@ -43,7 +45,35 @@ TRAINING_MODES = {
         {"soft_labels": "cached"},
         distillation=True,
     ),
+    "distillation_cached_pairwise": TrainingMode(
+        "Cached distillation with the pairwise term (pairwise_weight 1)",
+        DISTILL_CONFIGS,
+        {"soft_labels": "cached", "pairwise_weight": 1.0},
+        distillation=True,
+    ),
+    "distillation_cached_unlabelled": TrainingMode(
+        "Cached distillation with as many unlabelled cases (unlabelled_ratio 1)",
+        DISTILL_CONFIGS,
+        {"soft_labels": "cached", "unlabelled_ratio": 1.0},
+        distillation=True,
+        unlabelled=True,
+    ),
 }
+
+
+def _unlabelled_copy(dataset_dir: str, folder: Path) -> Path:
+    """A folder of the dataset's cases as unlabelled cases: their image files linked under new case ids, no label."""
+    for case in find_cases(dataset_dir, require_label=False):
+        if case["layout"] == "msd":
+            raise ValueError("the unlabelled training benchmark needs a per-case-folder layout, not msd.")
+        case_id = f"{case['case_id']}unlabelled"
+        separator = "_" if case["layout"] == "brats2020" else "-"
+        for path in case["image"]:
+            name = Path(path).name
+            link = folder / case_id / name.replace(f"{case['case_id']}{separator}", f"{case_id}{separator}", 1)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(path)
+    return folder
 
 
 class _EpochTimer:
@@ -77,7 +107,9 @@ def benchmark_training(
     Each mode's trainer is built from its configs (data pipeline and augmentation included, ``cache_rate`` 1, no
     validation), the distillation modes with a random-weight teacher checkpoint; the modes take turns epoch by epoch,
     so that the machine's drift hits all alike, and the first epoch is a warm-up. Building the training dataset is
-    timed apart: in cached mode it includes the teacher's one pass per case.
+    timed apart: in cached mode it includes the teacher's one pass per case. The mode with unlabelled cases trains on
+    the training cases and as many unlabelled ones (their image files linked under new case ids, no label), so its
+    epochs hold twice the patches.
 
     Args:
         bundle_root: the bundle root.
@@ -114,6 +146,8 @@ def benchmark_training(
                 "teacher_ckpt": str(teacher_ckpt),
                 "soft_label_dir": str(workdir / key / "soft_labels"),
             }
+        if mode.unlabelled:
+            overrides["unlabelled_dir"] = str(_unlabelled_copy(dataset_dir, workdir / key / "unlabelled"))
         parser = load_config(
             bundle_configs(bundle_root, mode.configs), bundle_root, dataset_dir, overrides | mode.overrides
         )
