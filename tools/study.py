@@ -1,34 +1,56 @@
 # Copyright (c) the BraTS distillation bundle authors. Licensed under the Apache License, Version 2.0.
-"""The real-data study in one command: teacher, student alone and distilled student, trained and judged alike.
+"""The real-data study in one command: the distillation ablation, every network trained and judged alike.
 
-From a BraTS folder and its split, the study trains the teacher, the student without a teacher and the distilled
-student with the bundle's own configs, the same split, seed and schedule; evaluates the three on the test split
-with the bundle's evaluation (one per-case CSV per model); and writes docs-ready results in ``output_dir``:
-``study.md`` (date, machine, schedule, command and a table of parameters, GFLOPs, per-region Dice and HD95, legacy
-and lesion-wise, and CPU latency), ``study.json`` (the same figures, the stages' commands) and ``study.png``
-(FLAIR, ground truth and the three predictions on the axial slice with most tumour of the first test cases).
-Run it from the bundle root::
+From a BraTS folder and its split, the study trains with the bundle's own configs, the same split, seed and schedule:
+
+- ``teacher``: the large network;
+- ``student_alone``: the student without a teacher;
+- ``student_kd``: the student distilled from the teacher's logits (``unlabelled_ratio 0.0``, ``pairwise_weight 0.0``);
+- ``student_kd_pairwise``: logit plus structured (pairwise affinity) distillation (``unlabelled_ratio 0.0``,
+  ``pairwise_weight`` of ``--pairwise_weight``);
+- ``student_kd_unlabelled``: logit distillation on the labelled cases and the datalist's ``"unlabelled"`` ones
+  (``pairwise_weight 0.0``, ``unlabelled_ratio`` of ``--unlabelled_ratio``: unlabelled cases drawn per labelled case
+  in each epoch);
+- ``student_alone_long``: the student alone for ``student_epochs * (1 + unlabelled_ratio)`` epochs, as many optimizer
+  steps as ``student_kd_unlabelled``: the control that tells "more steps" from "the teacher's targets on unlabelled
+  cases".
+
+The last two are in the study only when the datalist has a non-empty ``"unlabelled"`` list of case ids (e.g.
+``configs/datalists/brats_real_few_labels.json``); the report says when they are left out. Every distilled student
+reads the teacher's checkpoint and the study's one folder of cached soft labels. The study evaluates each network on
+the test split with the bundle's evaluation (one per-case CSV per model) and writes docs-ready results in
+``output_dir``: ``study.md`` (date, machine, schedule, command, each model's settings and a table of parameters,
+GFLOPs, per-region Dice and HD95, legacy and lesion-wise, each student's mean Dice gain over the student alone, CPU
+latency and training time), ``study.json`` (the same figures, each model's epochs and config overrides, the stages'
+commands), ``study.png`` (FLAIR, ground truth and the predictions of the teacher and of up to
+:data:`FIGURE_STUDENTS` students on the axial slice with most tumour of the first test cases) and ``study_dice.png``
+(mean Dice per region of every model, as grouped bars). Run it from the bundle root::
 
     python -m tools.study --dataset_dir ../shared/data/brats_real \\
-        --datalist configs/datalists/brats_real_split.json --output_dir runs/study_cpu --schedule cpu
+        --datalist configs/datalists/brats_real_few_labels.json --output_dir runs/study_cpu --schedule cpu
+
+Options: ``--schedule`` (``cpu`` or ``gpu``), ``--teacher_epochs`` and ``--student_epochs`` (instead of the
+schedule's; a validation interval longer than the epochs becomes the epochs), ``--pairwise_weight`` (default 1.0),
+``--unlabelled_ratio`` (default 2.0), ``--models`` (comma-separated keys, default every model the datalist allows;
+a distilled student brings its teacher), ``--overrides`` (further bundle ids for every stage, e.g.
+``'{"patch_size": 64}'``), ``--figure_cases`` and ``--latency_repeats``.
 
 Every stage is a ``python -m monai.bundle run`` subprocess logging to ``<output_dir>/<stage>.log``:
 
 ============================  =====================================================================================
 stage                         writes
 ============================  =====================================================================================
-``teacher``                   ``models/teacher.pt`` (best validation), ``models/teacher_last.pt`` (resume state)
-``student_alone``             ``models/student_alone.pt``, ``models/student_alone_last.pt``
-``student_distilled``         ``models/student_distilled.pt``, ``..._last.pt``, the teacher's soft labels in
-                              ``cache/soft_labels``
+``<model>`` (training)        ``models/<model>.pt`` (best validation), ``models/<model>_last.pt`` (resume state),
+                              TensorBoard events in ``logs/<model>``; a distilled student also the teacher's soft
+                              labels in ``cache/soft_labels``
 ``evaluate_<model>``          ``eval/<model>/metrics_test.csv`` (one row per test case and a mean row)
 ============================  =====================================================================================
 
-The study resumes where it stopped: a training stage whose last checkpoint has every epoch of the schedule done is
+The study resumes where it stopped: a training stage whose last checkpoint has every epoch of its model done is
 skipped, one partly done is continued with ``--resume True``, and an evaluation whose CSV is newer than its
 checkpoint is reused. While a stage trains, a progress bar shows the stage, the epochs done and an estimate of the
 time left (from the epoch times in the stages' logs; a stage not yet timed is estimated from a stage training the
-same network, else the estimate waits for its first epoch).
+same network, scaled by the cases in an epoch, else the estimate waits for its first epoch).
 
 Schedules (:data:`SCHEDULES`):
 
@@ -39,7 +61,8 @@ schedule    teacher         each student          validation
 ``gpu``     100 epochs      100 epochs            every epoch
 ==========  ==============  ====================  ==================================================
 
-What each schedule costs is measured in the README's real-data section.
+``student_alone_long`` trains for the students' epochs and validation interval times ``1 + unlabelled_ratio``
+(rounded, at least 1). What each schedule costs is measured in the README's real-data section.
 """
 
 from __future__ import annotations
@@ -71,7 +94,7 @@ from monai.data import list_data_collate
 from torch import nn
 from tqdm import tqdm
 
-from scripts.atomic_files import write_text_atomic
+from scripts.atomic_files import atomic_path, write_text_atomic
 from scripts.brats_data import canonical_sequences
 from scripts.brats_output import brain_mask
 from scripts.brats_regions import region_names
@@ -83,6 +106,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 __all__ = [
+    "FIGURE_STUDENTS",
     "METRICS",
     "MODELS",
     "SCHEDULES",
@@ -94,16 +118,24 @@ __all__ = [
     "StudyModel",
     "StudyPaths",
     "TrainingState",
+    "datalist_unlabelled_cases",
+    "dice_gain",
     "estimate_seconds_left",
     "evaluation_command",
     "main",
     "read_evaluation_csv",
     "read_training_state",
     "run_study",
+    "select_models",
+    "study_models",
     "trainer_epoch_seconds",
     "training_action",
     "training_command",
 ]
+
+
+class StudyError(RuntimeError):
+    """A stage failed, an input is missing or wrong, or the output folder holds another study's state (as it says)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +145,7 @@ class Schedule:
     Args:
         name: the schedule's name, as given to ``--schedule``.
         teacher_epochs: training epochs of the teacher.
-        student_epochs: training epochs of each student (alone and distilled alike).
+        student_epochs: training epochs of each student (alone and distilled alike), before its ``epoch_factor``.
         teacher_val_interval: epochs between two validations (checkpoint selection) of the teacher.
         student_val_interval: epochs between two validations of each student.
     """
@@ -147,9 +179,10 @@ class Schedule:
             model: the model.
 
         Returns:
-            ``teacher_epochs`` for the teacher, ``student_epochs`` for a student.
+            ``teacher_epochs`` for the teacher; for a student, ``student_epochs`` times its ``epoch_factor``,
+            rounded, at least 1.
         """
-        return self.teacher_epochs if model.is_teacher else self.student_epochs
+        return self.teacher_epochs if model.is_teacher else _scaled(self.student_epochs, model.epoch_factor)
 
     def val_interval(self, model: StudyModel) -> int:
         """Epochs between two validations of one model of the study.
@@ -158,9 +191,40 @@ class Schedule:
             model: the model.
 
         Returns:
-            ``teacher_val_interval`` for the teacher, ``student_val_interval`` for a student.
+            ``teacher_val_interval`` for the teacher; for a student, ``student_val_interval`` times its
+            ``epoch_factor``, rounded, at least 1 and at most its epochs.
         """
-        return self.teacher_val_interval if model.is_teacher else self.student_val_interval
+        if model.is_teacher:
+            return self.teacher_val_interval
+        return min(_scaled(self.student_val_interval, model.epoch_factor), self.epochs(model))
+
+    def with_epochs(self, teacher_epochs: int | None = None, student_epochs: int | None = None) -> Schedule:
+        """This schedule with other epochs; a validation interval longer than its new epochs becomes the epochs.
+
+        Args:
+            teacher_epochs: the teacher's epochs, or None for this schedule's.
+            student_epochs: each student's epochs, or None for this schedule's.
+
+        Returns:
+            the schedule, under the same name.
+
+        Raises:
+            ValueError: if an epoch count is below 1.
+        """
+        teacher = self.teacher_epochs if teacher_epochs is None else teacher_epochs
+        student = self.student_epochs if student_epochs is None else student_epochs
+        return dataclasses.replace(
+            self,
+            teacher_epochs=teacher,
+            student_epochs=student,
+            teacher_val_interval=max(1, min(self.teacher_val_interval, teacher)),
+            student_val_interval=max(1, min(self.student_val_interval, student)),
+        )
+
+
+def _scaled(count: int, factor: float) -> int:
+    """``count * factor`` rounded half up, at least 1."""
+    return max(1, math.floor(count * factor + 0.5))
 
 
 SCHEDULES: dict[str, Schedule] = {
@@ -171,65 +235,189 @@ SCHEDULES: dict[str, Schedule] = {
 
 @dataclasses.dataclass(frozen=True)
 class StudyModel:
-    """One network of the study: how the bundle trains it, evaluates it, and where its checkpoint goes.
+    """One network of the study: how the bundle trains it, evaluates it, and for how long.
 
     Args:
-        key: its name in file names, stage names and ``study.json``.
+        key: its name in file names (checkpoint ``<key>.pt``), stage names and ``study.json``.
         title: its name in the reports.
         training_configs: the bundle configs of its training, merged in order.
         evaluation_configs: the bundle configs of its evaluation, merged in order.
-        ckpt_name: its best-validation checkpoint in ``<output_dir>/models`` (``<stem>_last.pt`` is the resume
-            state).
         architecture: config id of its network definition in ``configs/train.json``.
         is_teacher: whether it trains for the schedule's teacher epochs.
         teacher: key of the model it is distilled from, or None.
+        overrides: the bundle config ids its training sets (on its command line only), e.g.
+            ``{"pairwise_weight": 1.0}``.
+        epoch_factor: a student's epochs and validation interval are the schedule's times this (rounded, at least 1).
+        needs_unlabelled: whether it is in the study only with a datalist listing unlabelled cases.
     """
 
     key: str
     title: str
     training_configs: tuple[str, ...]
     evaluation_configs: tuple[str, ...]
-    ckpt_name: str
     architecture: str
     is_teacher: bool = False
     teacher: str | None = None
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    epoch_factor: float = 1.0
+    needs_unlabelled: bool = False
+
+    @property
+    def ckpt_name(self) -> str:
+        """File name of its best-validation checkpoint in ``<output_dir>/models``."""
+        return f"{self.key}.pt"
 
     @property
     def last_ckpt_name(self) -> str:
         """File name of the resume state, as the bundle's ``last_ckpt_name`` derives it."""
-        return os.path.splitext(self.ckpt_name)[0] + "_last.pt"
+        return f"{self.key}_last.pt"
+
+    @property
+    def epoch_length_factor(self) -> float:
+        """The cases in one of its epochs over the labelled cases: ``1 + unlabelled_ratio``."""
+        return 1.0 + float(self.overrides.get(UNLABELLED_RATIO_ID, 0.0))
 
 
-# The study's networks in training order (the teacher first: the distilled student needs its checkpoint). The
-# config files of every stage are here and only here.
-MODELS: tuple[StudyModel, ...] = (
-    StudyModel(
-        "teacher",
-        "Teacher",
-        training_configs=("configs/train.json", "configs/teacher.json"),
-        evaluation_configs=("configs/train.json", "configs/teacher.json", "configs/evaluate.json"),
-        ckpt_name="teacher.pt",
-        architecture="teacher_def",
-        is_teacher=True,
-    ),
-    StudyModel(
-        "student_alone",
-        "Student alone",
-        training_configs=("configs/train.json",),
-        evaluation_configs=("configs/train.json", "configs/evaluate.json"),
-        ckpt_name="student_alone.pt",
-        architecture="network_def",
-    ),
-    StudyModel(
-        "student_distilled",
-        "Student distilled (KD)",
-        training_configs=("configs/train.json", "configs/distill.json"),
-        evaluation_configs=("configs/train.json", "configs/evaluate.json"),
-        ckpt_name="student_distilled.pt",
-        architecture="network_def",
-        teacher="teacher",
-    ),
-)
+UNLABELLED_RATIO_ID = "unlabelled_ratio"  # bundle id: unlabelled cases drawn per labelled case in an epoch
+PAIRWISE_WEIGHT_ID = "pairwise_weight"  # bundle id: weight of the structured (pairwise affinity) distillation term
+UNLABELLED_SPLIT = "unlabelled"  # the datalist's list of unlabelled case ids
+REFERENCE_MODEL = "student_alone"  # the students' Dice gains are over this model
+FIGURE_STUDENTS = 4  # students drawn in study.png beside the teacher, the first ones of the study
+# the Dice metrics whose gain over the student alone study.md shows, and their columns' headers
+GAIN_COLUMNS = {
+    "legacy_dice": "Δ mean Dice vs student alone",
+    "lesion_dice": "Δ lesion-wise mean Dice vs student alone",
+}
+
+
+def study_models(pairwise_weight: float = 1.0, unlabelled_ratio: float = 2.0) -> tuple[StudyModel, ...]:
+    """Every network of the ablation, in training order (the teacher first: the distilled students need it).
+
+    The config files of every stage are here and only here.
+
+    Args:
+        pairwise_weight: ``pairwise_weight`` of ``student_kd_pairwise``.
+        unlabelled_ratio: ``unlabelled_ratio`` of ``student_kd_unlabelled``; ``student_alone_long`` trains
+            ``1 + unlabelled_ratio`` times the students' epochs.
+
+    Returns:
+        the models.
+
+    Raises:
+        StudyError: if ``pairwise_weight`` or ``unlabelled_ratio`` is not positive (the model would be
+            ``student_kd``).
+    """
+    for name, value in (("pairwise_weight", pairwise_weight), ("unlabelled_ratio", unlabelled_ratio)):
+        if not value > 0:
+            raise StudyError(f"{name} must be positive, got {value} (0 would train student_kd again).")
+    student = {
+        "training_configs": ("configs/train.json",),
+        "evaluation_configs": ("configs/train.json", "configs/evaluate.json"),
+        "architecture": "network_def",
+    }
+    distilled = student | {"training_configs": ("configs/train.json", "configs/distill.json"), "teacher": "teacher"}
+    return (
+        StudyModel(
+            "teacher",
+            "Teacher",
+            training_configs=("configs/train.json", "configs/teacher.json"),
+            evaluation_configs=("configs/train.json", "configs/teacher.json", "configs/evaluate.json"),
+            architecture="teacher_def",
+            is_teacher=True,
+        ),
+        StudyModel("student_alone", "Student alone", **student),
+        StudyModel(
+            "student_kd",
+            "Student KD",
+            overrides={UNLABELLED_RATIO_ID: 0.0, PAIRWISE_WEIGHT_ID: 0.0},
+            **distilled,
+        ),
+        StudyModel(
+            "student_kd_pairwise",
+            "Student KD + pairwise",
+            overrides={UNLABELLED_RATIO_ID: 0.0, PAIRWISE_WEIGHT_ID: float(pairwise_weight)},
+            **distilled,
+        ),
+        StudyModel(
+            "student_kd_unlabelled",
+            "Student KD + unlabelled",
+            overrides={UNLABELLED_RATIO_ID: float(unlabelled_ratio), PAIRWISE_WEIGHT_ID: 0.0},
+            needs_unlabelled=True,
+            **distilled,
+        ),
+        StudyModel(
+            "student_alone_long",
+            "Student alone, long",
+            epoch_factor=1.0 + unlabelled_ratio,
+            needs_unlabelled=True,
+            **student,
+        ),
+    )
+
+
+def datalist_unlabelled_cases(datalist: str | None) -> list[Any]:
+    """The unlabelled cases a JSON datalist lists (its ``"unlabelled"`` list, as the bundle reads it).
+
+    Args:
+        datalist: the datalist, or None for the bundle's seeded split (which has none).
+
+    Returns:
+        the list's entries; empty without the list (or a list there).
+
+    Raises:
+        StudyError: if the datalist cannot be read as JSON.
+    """
+    if not datalist:
+        return []
+    try:
+        with open(datalist) as f:
+            content = json.load(f)
+    except FileNotFoundError as e:
+        raise StudyError(f"datalist {datalist} not found.") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StudyError(f"cannot read datalist {datalist}: {e}") from e
+    unlabelled = content.get(UNLABELLED_SPLIT) if isinstance(content, dict) else None
+    return unlabelled if isinstance(unlabelled, list) else []
+
+
+def select_models(
+    models: Sequence[StudyModel], keys: str | Sequence[str] | None = None, unlabelled: bool = True
+) -> tuple[StudyModel, ...]:
+    """The models of one study, in training order.
+
+    Args:
+        models: every model, e.g. :func:`study_models`'s.
+        keys: the keys asked for, comma-separated or as a sequence; None for every model ``unlabelled`` allows.
+            A distilled model brings its teacher.
+        unlabelled: whether the datalist lists unlabelled cases.
+
+    Returns:
+        the selected models.
+
+    Raises:
+        StudyError: if a key is unknown, none is given, or a model asked for needs unlabelled cases the datalist
+            lacks.
+    """
+    by_key = {model.key: model for model in models}
+    if keys is None:
+        return tuple(model for model in models if unlabelled or not model.needs_unlabelled)
+    asked = [key.strip() for key in (keys.split(",") if isinstance(keys, str) else keys) if key.strip()]
+    unknown = [key for key in asked if key not in by_key]
+    if unknown or not asked:
+        raise StudyError(
+            f"unknown model(s) {', '.join(map(repr, unknown)) or '(none given)'}; the models are {', '.join(by_key)}."
+        )
+    needing = [key for key in asked if by_key[key].needs_unlabelled]
+    if needing and not unlabelled:
+        raise StudyError(
+            f"{', '.join(needing)} need(s) unlabelled cases: give a --datalist with a non-empty "
+            f"{UNLABELLED_SPLIT!r} list."
+        )
+    chosen = set(asked) | {by_key[key].teacher for key in asked if by_key[key].teacher is not None}
+    return tuple(model for model in models if model.key in chosen)
+
+
+MODELS: tuple[StudyModel, ...] = study_models()  # with the default weights, the unlabelled models included
 # the config the report reads in process: both architectures, the validation pipeline and the split
 REPORT_CONFIG = "configs/train.json"
 EVAL_SPLIT = "test"
@@ -297,10 +485,6 @@ POLL_SECONDS = 2.0
 LOG_TAIL_LINES = 20
 # internal label -> (colour, name); label 0 is left transparent
 _EPOCH_COMPLETE = re.compile(r"Trainer - INFO - Epoch\[(\d+)\] Complete\. Time taken: (\d+):(\d+):(\d+(?:\.\d*)?)")
-
-
-class StudyError(RuntimeError):
-    """A stage failed, an input is missing, or the output folder holds another study's state (the message says)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,7 +590,7 @@ def training_command(
         datalist: the JSON datalist of the split, or None for the bundle's seeded split.
         paths: the study's output paths.
         resume: continue from the model's last checkpoint.
-        overrides: further bundle config ids, given to every stage.
+        overrides: further bundle config ids, given to every stage (after the model's own ``overrides``).
 
     Returns:
         the command, one argument per item.
@@ -419,11 +603,11 @@ def training_command(
         "log_dir": paths.tensorboard_dir(model),
     }
     if model.teacher is not None:
-        ids["teacher_ckpt"] = paths.best_ckpt(_model(model.teacher))
+        ids["teacher_ckpt"] = os.path.join(paths.models_dir, f"{model.teacher}.pt")
         ids["soft_label_dir"] = paths.soft_label_dir
     if resume:
         ids["resume"] = True
-    return _bundle_command("training", model.training_configs, ids | dict(overrides or {}))
+    return _bundle_command("training", model.training_configs, ids | dict(model.overrides) | dict(overrides or {}))
 
 
 def evaluation_command(
@@ -452,10 +636,6 @@ def evaluation_command(
         "eval_split": EVAL_SPLIT,
     }
     return _bundle_command("evaluating", model.evaluation_configs, ids | dict(overrides or {}))
-
-
-def _model(key: str) -> StudyModel:
-    return next(model for model in MODELS if model.key == key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -564,30 +744,42 @@ def trainer_epoch_seconds(log_text: str) -> dict[int, float]:
     }
 
 
-def estimate_seconds_left(epochs_left: Mapping[str, int], epoch_seconds: Mapping[str, Sequence[float]]) -> float | None:
+def estimate_seconds_left(
+    epochs_left: Mapping[str, int],
+    epoch_seconds: Mapping[str, Sequence[float]],
+    models: Sequence[StudyModel] = MODELS,
+) -> float | None:
     """Training time left to the study, from the epoch times measured so far.
 
-    A model whose epochs were not timed yet is estimated from another model of the same architecture (the two
-    students share theirs).
+    A model whose epochs were not timed yet is estimated from the other models of the same architecture (the
+    students share theirs), scaled by the cases in an epoch (:attr:`StudyModel.epoch_length_factor`).
 
     Args:
         epochs_left: epochs still to train, per model key.
         epoch_seconds: measured epoch times, per model key.
+        models: the models the keys name.
 
     Returns:
         the estimate in seconds, or None while a model with epochs left has no timed model of its architecture.
     """
-    architecture = {model.key: model.architecture for model in MODELS}
+    by_key = {model.key: model for model in models}
     total = 0.0
     for key, left in epochs_left.items():
         if left <= 0:
             continue
-        times = epoch_seconds.get(key) or [
-            t for other, ts in epoch_seconds.items() if architecture[other] == architecture[key] for t in ts
+        model = by_key[key]
+        per_labelled_epoch = [  # seconds per epoch over the labelled cases only
+            t / by_key[other].epoch_length_factor
+            for other, ts in epoch_seconds.items()
+            if by_key[other].architecture == model.architecture
+            for t in ts
         ]
-        if not times:
+        if epoch_seconds.get(key):
+            total += left * statistics.mean(epoch_seconds[key])
+        elif per_labelled_epoch:
+            total += left * statistics.mean(per_labelled_epoch) * model.epoch_length_factor
+        else:
             return None
-        total += left * statistics.mean(times)
     return total
 
 
@@ -709,13 +901,15 @@ class _StudyRunner:
         datalist: str | None,
         paths: StudyPaths,
         overrides: Mapping[str, Any],
+        models: Sequence[StudyModel],
     ) -> None:
+        self.models = tuple(models)
         self.schedule = schedule
         self.dataset_dir = dataset_dir
         self.datalist = datalist
         self.paths = paths
         self.overrides = overrides
-        self.num_stages = 2 * len(MODELS) + 1  # trainings, evaluations, report
+        self.num_stages = 2 * len(self.models) + 1  # trainings, evaluations, report
         self.commands: dict[str, str] = {}
         self.epoch_seconds: dict[str, list[float]] = {}
         self.epochs_left: dict[str, int] = {}
@@ -795,7 +989,7 @@ class _StudyRunner:
         bar.set_postfix_str(f"study training left ~{_format_duration(self._seconds_left())}")
 
     def _seconds_left(self) -> float | None:
-        return estimate_seconds_left(self.epochs_left, self.epoch_seconds)
+        return estimate_seconds_left(self.epochs_left, self.epoch_seconds, self.models)
 
     def evaluate(self, index: int, model: StudyModel) -> None:
         label = f"stage {index}/{self.num_stages} evaluate_{model.key}"
@@ -818,12 +1012,12 @@ class _StudyRunner:
 
     def run_stages(self) -> None:
         # every training's state first, so that a checkpoint of another schedule stops the study before any work
-        plan = {model.key: training_action(model, self.schedule, self.paths) for model in MODELS}
-        self.epochs_left = {model.key: self.schedule.epochs(model) - plan[model.key][1] for model in MODELS}
-        self.epoch_seconds = {model.key: self._logged_epoch_seconds(model) for model in MODELS}
-        for index, model in enumerate(MODELS, start=1):
+        plan = {model.key: training_action(model, self.schedule, self.paths) for model in self.models}
+        self.epochs_left = {model.key: self.schedule.epochs(model) - plan[model.key][1] for model in self.models}
+        self.epoch_seconds = {model.key: self._logged_epoch_seconds(model) for model in self.models}
+        for index, model in enumerate(self.models, start=1):
             self.train(index, model, *plan[model.key])
-        for index, model in enumerate(MODELS, start=len(MODELS) + 1):
+        for index, model in enumerate(self.models, start=len(self.models) + 1):
             self.evaluate(index, model)
 
 
@@ -850,14 +1044,14 @@ def _load_network(model: StudyModel, definition: nn.Module, path: str) -> nn.Mod
 
 
 def _measure(
-    parser: ConfigParser, paths: StudyPaths, figure_cases: int, latency_repeats: int
+    parser: ConfigParser, paths: StudyPaths, models: Sequence[StudyModel], figure_cases: int, latency_repeats: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
-    """Size, GFLOPs and CPU latency of the three networks, and their labels on the figure's slices."""
+    """Size, GFLOPs and CPU latency of every network of the study, and their labels on the figure's slices."""
     modalities = canonical_sequences(parser.get_parsed_content("modalities"))
     image_channel = modalities.index("flair") if "flair" in modalities else 0
     networks = {
         model.key: _load_network(model, parser.get_parsed_content(model.architecture), paths.best_ckpt(model))
-        for model in MODELS
+        for model in models
     }
     cases = parser.get_parsed_content("data_splits")[EVAL_SPLIT][:figure_cases]
     if not cases:
@@ -903,14 +1097,25 @@ def _measure(
     return sizes, slices, modalities[image_channel].upper()
 
 
+def _figure_models(models: Sequence[StudyModel]) -> list[StudyModel]:
+    """The models drawn in ``study.png``: the teacher and the first :data:`FIGURE_STUDENTS` students, in study order."""
+    students = [model.key for model in models if not model.is_teacher][:FIGURE_STUDENTS]
+    return [model for model in models if model.is_teacher or model.key in students]
+
+
 def _write_figure(
-    path: str, slices: list[dict[str, Any]], tables: Mapping[str, EvaluationTable], image_name: str
+    path: str,
+    slices: list[dict[str, Any]],
+    tables: Mapping[str, EvaluationTable],
+    image_name: str,
+    models: Sequence[StudyModel],
 ) -> None:
-    """One row per case: the image, then the ground truth and each model's labels over it."""
-    columns = ["ground truth"] + [model.key for model in MODELS]
-    titles = {"ground truth": "ground truth"} | {model.key: model.title for model in MODELS}
+    """One row per case: the image, then the ground truth and the labels of each model of the figure over it."""
+    drawn = _figure_models(models)
+    columns = ["ground truth"] + [model.key for model in drawn]
+    titles = {"ground truth": "ground truth"} | {model.key: model.title for model in drawn}
     fig, axes = plt.subplots(
-        len(slices), 1 + len(columns), figsize=(2.6 * (1 + len(columns)), 2.8 * len(slices) + 0.4), layout="constrained"
+        len(slices), 1 + len(columns), figsize=(2.3 * (1 + len(columns)), 2.5 * len(slices) + 0.4), layout="constrained"
     )
     axes = np.atleast_2d(axes)
     num_classes = 1
@@ -933,55 +1138,149 @@ def _write_figure(
     save_label_figure(fig, path, num_classes)
 
 
+def _write_dice_figure(path: str, results: Mapping[str, Any]) -> None:
+    """Grouped bars, written atomically: each model's mean (legacy) Dice per region, its value on each bar."""
+    regions, models = results["regions"], results["models"]
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 + 0.4 * len(models) * len(regions)), 4.0), layout="constrained")
+    x = np.arange(len(regions))
+    colours = plt.get_cmap("tab10")
+    for index, entry in enumerate(models.values()):
+        values = [entry["metrics"]["legacy_dice"][region] for region in regions]
+        bars = ax.bar(
+            x + (index - (len(models) - 1) / 2) * width,
+            [0.0 if value is None else value for value in values],
+            width,
+            label=entry["name"],
+            color=colours(index % colours.N),
+        )
+        ax.bar_label(bars, labels=[_cell(value, 2) for value in values], fontsize=7, padding=2, rotation=90)
+    ax.set_xticks(x, regions)
+    ax.set_ylim(0.0, 1.18)  # room for the labels above a Dice of 1
+    ax.set_ylabel("mean Dice")
+    ax.set_title(f"Mean Dice per region on the {results['split_sizes'][EVAL_SPLIT]} test cases", fontsize=10)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.legend(loc="outside lower center", ncol=min(3, len(models)), fontsize=8)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def dice_gain(table: EvaluationTable, reference: EvaluationTable, metric: str = "legacy_dice") -> float | None:
+    """How much a model's Dice beats a reference model's, from the mean rows of their evaluation CSVs.
+
+    Args:
+        table: the model's evaluation.
+        reference: the reference's evaluation (the student alone's), read for the same regions.
+        metric: ``legacy_dice`` or ``lesion_dice`` (a key of :data:`METRICS`).
+
+    Returns:
+        ``100 * (mean over the regions of the model's means - the same of the reference)``, in Dice points; None
+        where either lacks the metric or a region's mean is undefined.
+    """
+
+    def mean_over_regions(means: Mapping[str, float | None]) -> float | None:
+        if not means or any(value is None for value in means.values()):
+            return None
+        return statistics.mean(means.values())
+
+    model, base = mean_over_regions(table.means.get(metric, {})), mean_over_regions(reference.means.get(metric, {}))
+    return None if model is None or base is None else 100.0 * (model - base)
+
+
 def _cell(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _gain_cell(model: Mapping[str, Any], name: str) -> str:
+    """A student's Dice gain over the student alone, in signed points; ``reference`` for the student alone."""
+    if model["key"] == REFERENCE_MODEL:
+        return "reference"
+    if name not in model.get("dice_gain_vs_student_alone", {}):
+        return "—"  # the teacher
+    value = model["dice_gain_vs_student_alone"][name]
+    return "n/a" if value is None else f"{round(value, 1) + 0.0:+.1f}"  # + 0.0: no "-0.0"
+
+
+def _settings(model: Mapping[str, Any]) -> str:
+    """One model's line of the settings list: epochs, validation, teacher and config overrides."""
+    text = f"- {model['name']} (`{model['key']}`): {model['epochs']} epochs, validated every {model['val_interval']}"
+    if model["epoch_factor"] != 1:
+        text += f" (the students' schedule x {model['epoch_factor']:g})"
+    if model["teacher"]:
+        text += f", distilled from `{model['teacher']}`"
+    if model["overrides"]:
+        text += "; " + ", ".join(f"`{key} {value}`" for key, value in model["overrides"].items())
+    return text + "."
+
+
 def _markdown(results: dict[str, Any]) -> str:
-    """``study.md``: context, the table, and how each figure was measured."""
+    """``study.md``: context, the table, each model's settings, and how each figure was measured."""
     machine, schedule, regions = results["machine"], results["schedule"], results["regions"]
     metrics = [name for name in METRICS if name in results["metrics_reported"]]
+    models = list(results["models"].values())
+    gains = [name for name in GAIN_COLUMNS if name in metrics] if REFERENCE_MODEL in results["models"] else []
     header = (
-        ["Model", "Parameters", f"GFLOPs / {SLICE_SIZE}x{SLICE_SIZE} slice"]
+        ["Model", "Epochs", "Parameters", f"GFLOPs / {SLICE_SIZE}x{SLICE_SIZE} slice"]
         + [f"{METRICS[name].title} {region}" for name in metrics for region in regions]
+        + [GAIN_COLUMNS[name] for name in gains]
         + ["CPU latency / volume (s)", "Training wall time"]
     )
     split = results["split_sizes"]
     lines = [
-        "# Real-data study: teacher, student alone, distilled student",
+        "# Real-data study: the distillation ablation",
         "",
         f"Written {results['date_utc']} on {machine['platform']} ({machine['processor']}, {machine['cpu_count']} "
         f"CPUs, {machine['torch_threads']} torch threads). Schedule `{schedule['name']}`: teacher "
         f"{schedule['teacher_epochs']} epochs (validated every {schedule['teacher_val_interval']}), each student "
-        f"{schedule['student_epochs']} epochs (validated every {schedule['student_val_interval']}), best validation "
-        f"checkpoint kept. Data `{results['dataset_dir']}`, "
-        f"split `{results['datalist'] or 'seeded (split_seed of configs/train.json)'}`: {split['training']} training, "
-        f"{split['validation']} validation, {split['test']} test cases. Command:",
+        f"{schedule['student_epochs']} epochs (validated every {schedule['student_val_interval']}) unless its "
+        f"settings below say otherwise, best validation checkpoint kept. Data `{results['dataset_dir']}`, "
+        f"split `{results['datalist'] or 'seeded (split_seed of configs/train.json)'}`: {split['training']} training "
+        f"(labelled), {results['unlabelled_cases']} unlabelled, {split['validation']} validation, {split['test']} "
+        "test cases. Command:",
         "",
         f"    {results['command']}",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join([" --- "] + [" ---: "] * (len(header) - 1)) + "|",
     ]
-    for model in results["models"].values():
+    for model in models:
         cells = (
-            [model["name"], f"{model['parameters']:,}", f"{model['gflops_per_slice']:.2f}"]
+            [model["name"], str(model["epochs"]), f"{model['parameters']:,}", f"{model['gflops_per_slice']:.2f}"]
             + [_cell(model["metrics"][name][region], METRICS[name].digits) for name in metrics for region in regions]
+            + [_gain_cell(model, name) for name in gains]
             + [f"{model['latency_s']:.3f}", _format_duration(model["training"]["wall_time_s"])]
         )
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Settings (bundle config ids set on each training's command line):", ""]
+    lines += [_settings(model) for model in models]
+    if results["left_out_models"]:
+        lines += [
+            "",
+            f"Left out: {', '.join(f'`{key}`' for key in results['left_out_models'])}, as the datalist lists no "
+            f'unlabelled cases (no non-empty "{UNLABELLED_SPLIT}" list).',
+        ]
     left_out = [METRICS[name].title for name in METRICS if name not in metrics]
     lines += [
         "",
         f"Dice and HD95: means over the {split['test']} test cases of each model's `eval/<model>/metrics_test.csv` "
         "(the bundle's evaluation; its mean row, n/a where every case is undefined)."
         + (f" Not in the evaluation CSVs, so left out: {', '.join(left_out)}." if left_out else ""),
+    ]
+    if gains:
+        lines.append(
+            "Δ vs student alone: the student's mean Dice over "
+            f"{', '.join(regions)} minus the student alone's, in Dice points (x100)."
+        )
+    lines += [
         f"Parameters: learnable ones. GFLOPs: 2 x multiply-adds of the convolutions for one {SLICE_SIZE}x{SLICE_SIZE} "
         f"slice. Latency: median wall time of `validate#inferer` over one preprocessed volume, on CPU, over "
         f"{results['latency_cases']} test case(s) x {results['latency_repeats']} run(s) after one warm-up. Training "
         "wall time: sum of the logged epoch times (validation included), on the machine that trained.",
         "",
-        f"![FLAIR, ground truth and the three predictions on real test cases]({os.path.basename(results['figure'])})",
+        f"![FLAIR, ground truth and predictions on real test cases]({os.path.basename(results['figure'])})",
+        "",
+        f"![Mean Dice per region of each model]({os.path.basename(results['dice_figure'])})",
     ]
     return "\n".join(lines) + "\n"
 
@@ -1008,23 +1307,45 @@ def _training_summary(model: StudyModel, paths: StudyPaths) -> dict[str, Any]:
     }
 
 
-def _study_command(dataset_dir: str, datalist: str | None, output_dir: str, schedule: str) -> str:
+def _study_command(
+    dataset_dir: str, datalist: str | None, output_dir: str, schedule: Schedule, models: Sequence[StudyModel]
+) -> str:
     args = ["python", "-m", "tools.study", "--dataset_dir", dataset_dir]
     args += ["--datalist", datalist] if datalist else []
-    return shlex.join(args + ["--output_dir", output_dir, "--schedule", schedule])
+    args += ["--output_dir", output_dir, "--schedule", schedule.name]
+    args += ["--teacher_epochs", str(schedule.teacher_epochs), "--student_epochs", str(schedule.student_epochs)]
+    for config_id in (PAIRWISE_WEIGHT_ID, UNLABELLED_RATIO_ID):
+        values = [model.overrides[config_id] for model in models if model.overrides.get(config_id)]
+        args += [f"--{config_id}", str(values[0])] if values else []
+    return shlex.join(args + ["--models", ",".join(model.key for model in models)])
 
 
 def _write_report(
-    runner: _StudyRunner, command: str, figure_cases: int, latency_repeats: int, index: int
+    runner: _StudyRunner,
+    command: str,
+    figure_cases: int,
+    latency_repeats: int,
+    left_out_models: Sequence[str],
 ) -> dict[str, Any]:
-    paths = runner.paths
-    tqdm.write(f"stage {index}/{runner.num_stages} report: measuring the networks and drawing {paths.report('.png')}")
+    paths, models = runner.paths, runner.models
+    tqdm.write(
+        f"stage {runner.num_stages}/{runner.num_stages} report: measuring the networks and drawing "
+        f"{paths.report('.png')} and {paths.report('_dice.png')}"
+    )
     parser = _bundle_config(runner.dataset_dir, runner.datalist, runner.overrides)
     regions = list(region_names(parser.get_parsed_content("num_classes")))
-    tables = {model.key: read_evaluation_csv(paths.eval_csv(model), regions) for model in MODELS}
-    sizes, slices, image_name = _measure(parser, paths, figure_cases, latency_repeats)
+    tables = {model.key: read_evaluation_csv(paths.eval_csv(model), regions) for model in models}
+    sizes, slices, image_name = _measure(parser, paths, models, figure_cases, latency_repeats)
     splits = parser.get_parsed_content("data_splits")
     reported = [name for name in METRICS if all(name in table.means for table in tables.values())]
+
+    def gains(model: StudyModel) -> dict[str, dict[str, float | None]]:
+        if model.is_teacher or model.key == REFERENCE_MODEL or REFERENCE_MODEL not in tables:
+            return {}
+        reference = tables[REFERENCE_MODEL]
+        gain = {name: dice_gain(tables[model.key], reference, name) for name in GAIN_COLUMNS if name in reported}
+        return {"dice_gain_vs_student_alone": gain}
+
     results: dict[str, Any] = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": _machine(),
@@ -1034,6 +1355,8 @@ def _write_report(
         "datalist": runner.datalist,
         "overrides": dict(runner.overrides),
         "split_sizes": {split: len(splits[split]) for split in ("training", "validation", "test")},
+        "unlabelled_cases": len(datalist_unlabelled_cases(runner.datalist)),
+        "left_out_models": list(left_out_models),
         "test_cases": [case["case_id"] for case in splits[EVAL_SPLIT]],
         "regions": regions,
         "metrics_reported": reported,
@@ -1041,27 +1364,37 @@ def _write_report(
         "latency_cases": len(slices),
         "latency_repeats": latency_repeats,
         "figure": paths.report(".png"),
+        "figure_models": [model.key for model in _figure_models(models)],
         "figure_cases": [case["case_id"] for case in slices],
+        "dice_figure": paths.report("_dice.png"),
         "stages": runner.commands,
         "models": {
             model.key: {
+                "key": model.key,
                 "name": model.title,
                 "architecture": model.architecture,
+                "teacher": model.teacher,
+                "epochs": runner.schedule.epochs(model),
+                "val_interval": runner.schedule.val_interval(model),
+                "epoch_factor": model.epoch_factor,
+                "overrides": dict(model.overrides),
                 "checkpoint": paths.best_ckpt(model),
                 "metrics_csv": tables[model.key].path,
                 **sizes[model.key],
                 "training": _training_summary(model, paths),
                 "metrics": {name: tables[model.key].means[name] for name in reported},
+                **gains(model),
             }
-            for model in MODELS
+            for model in models
         },
     }
     markdown = _markdown(results)
-    _write_figure(paths.report(".png"), slices, tables, image_name)
+    _write_figure(paths.report(".png"), slices, tables, image_name, models)
+    _write_dice_figure(paths.report("_dice.png"), results)
     write_text_atomic(paths.report(".json"), json.dumps(results, indent=4) + "\n")
     write_text_atomic(paths.report(".md"), markdown)
     print(markdown)
-    for suffix in (".md", ".json", ".png"):
+    for suffix in (".md", ".json", ".png", "_dice.png"):
         print(f"written: {paths.report(suffix)}")
     return results
 
@@ -1075,8 +1408,9 @@ def run_study(
     figure_cases: int = FIGURE_CASES,
     latency_repeats: int = 2,
     command: str | None = None,
+    models: Sequence[StudyModel] | None = None,
 ) -> dict[str, Any]:
-    """Train, evaluate and report the teacher, the student alone and the distilled student; resume what was done.
+    """Train, evaluate and report the models of the study; resume what was done.
 
     Must run from the bundle root (the stages' config files are relative to it).
 
@@ -1089,22 +1423,27 @@ def run_study(
         figure_cases: test cases in the figure (and the latency measurement), the split's first ones.
         latency_repeats: timed runs of each network per figure case, after one warm-up.
         command: the command line recorded in the report; default the equivalent ``python -m tools.study`` one.
+        models: the models, in training order (see :func:`select_models`); default every model of :data:`MODELS`
+            the datalist allows.
 
     Returns:
         the results, as written to ``study.json``.
 
     Raises:
-        StudyError: if an input is missing, a stage fails (the message names it and its log), or ``output_dir``
-            holds a training of another schedule.
+        StudyError: if an input is missing, a model needs unlabelled cases the datalist lacks or a teacher that is
+            not in ``models``, a stage fails (the message names it and its log), or ``output_dir`` holds a training
+            of another schedule.
         ValueError: if ``figure_cases`` or ``latency_repeats`` is below 1 or ``overrides`` sets an id the study
-            sets itself.
+            or a model sets itself.
     """
     if figure_cases < 1 or latency_repeats < 1:
         raise ValueError(f"figure_cases and latency_repeats must be at least 1, got {figure_cases}, {latency_repeats}.")
     overrides = dict(overrides or {})
-    if _STUDY_IDS & set(overrides):
-        raise ValueError(f"overrides cannot set {sorted(_STUDY_IDS & set(overrides))}: the study sets them itself.")
-    configs = {REPORT_CONFIG} | {f for model in MODELS for f in model.training_configs + model.evaluation_configs}
+    reserved = _STUDY_IDS | {config_id for model in (*MODELS, *(models or ())) for config_id in model.overrides}
+    if reserved & set(overrides):
+        raise ValueError(f"overrides cannot set {sorted(reserved & set(overrides))}: the study or its models set them.")
+    all_models = MODELS if models is None else tuple(models)
+    configs = {REPORT_CONFIG} | {f for model in all_models for f in model.training_configs + model.evaluation_configs}
     missing_configs = sorted(f for f in configs if not os.path.isfile(f))
     if missing_configs:
         raise StudyError(f"{', '.join(missing_configs)} not found: run the study from the bundle root.")
@@ -1112,10 +1451,20 @@ def run_study(
         raise StudyError(f"dataset folder {dataset_dir} not found.")
     if datalist and not os.path.isfile(datalist):
         raise StudyError(f"datalist {datalist} not found.")
-    runner = _StudyRunner(schedule, dataset_dir, datalist, StudyPaths(output_dir), overrides)
+    unlabelled = bool(datalist_unlabelled_cases(datalist))
+    models = select_models(MODELS, None, unlabelled) if models is None else tuple(models)
+    needing = [model.key for model in models if model.needs_unlabelled]
+    if needing and not unlabelled:
+        raise StudyError(f"{', '.join(needing)} need(s) a datalist with a non-empty {UNLABELLED_SPLIT!r} list.")
+    keys = {model.key for model in models}
+    orphans = [model.key for model in models if model.teacher is not None and model.teacher not in keys]
+    if orphans:
+        raise StudyError(f"{', '.join(orphans)} need(s) their teacher in the study's models.")
+    left_out = [] if unlabelled else [model.key for model in MODELS if model.needs_unlabelled]
+    runner = _StudyRunner(schedule, dataset_dir, datalist, StudyPaths(output_dir), overrides, models)
     runner.run_stages()
-    command = command or _study_command(dataset_dir, datalist, output_dir, schedule.name)
-    return _write_report(runner, command, figure_cases, latency_repeats, runner.num_stages)
+    command = command or _study_command(dataset_dir, datalist, output_dir, schedule, models)
+    return _write_report(runner, command, figure_cases, latency_repeats, left_out)
 
 
 def main(
@@ -1126,6 +1475,11 @@ def main(
     overrides: dict[str, Any] | None = None,
     figure_cases: int = FIGURE_CASES,
     latency_repeats: int = 2,
+    pairwise_weight: float = 1.0,
+    unlabelled_ratio: float = 2.0,
+    teacher_epochs: int | None = None,
+    student_epochs: int | None = None,
+    models: str | Sequence[str] | None = None,
 ) -> None:
     """Command-line entry: run (or resume) the study; see :func:`run_study`. Exits with status 1 on a study error.
 
@@ -1133,18 +1487,31 @@ def main(
         dataset_dir: the BraTS folder.
         output_dir: the study's folder.
         schedule: ``cpu`` or ``gpu`` (see :data:`SCHEDULES`).
-        datalist: JSON datalist of the split.
+        datalist: JSON datalist of the split; with a non-empty ``"unlabelled"`` list, the study includes
+            ``student_kd_unlabelled`` and ``student_alone_long``.
         overrides: further bundle config ids, e.g. ``--overrides '{"patch_size": 64}'``.
         figure_cases: test cases in the figure and the latency measurement.
         latency_repeats: timed runs of each network per figure case.
+        pairwise_weight: ``pairwise_weight`` of ``student_kd_pairwise``.
+        unlabelled_ratio: ``unlabelled_ratio`` of ``student_kd_unlabelled`` (``student_alone_long`` trains
+            ``1 + unlabelled_ratio`` times the students' epochs).
+        teacher_epochs: the teacher's epochs instead of the schedule's.
+        student_epochs: each student's epochs instead of the schedule's.
+        models: the models to train, comma-separated keys (``--models teacher,student_kd``); default every model
+            the datalist allows. A distilled student brings the teacher.
     """
     if schedule not in SCHEDULES:
         sys.exit(f"tools.study: error: unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
     command = shlex.join(["python", "-m", "tools.study", *sys.argv[1:]])
     try:
-        run_study(
-            dataset_dir, output_dir, SCHEDULES[schedule], datalist, overrides, figure_cases, latency_repeats, command
+        try:
+            plan = SCHEDULES[schedule].with_epochs(teacher_epochs, student_epochs)
+        except ValueError as e:
+            raise StudyError(str(e)) from e
+        chosen = select_models(
+            study_models(pairwise_weight, unlabelled_ratio), models, bool(datalist_unlabelled_cases(datalist))
         )
+        run_study(dataset_dir, output_dir, plan, datalist, overrides, figure_cases, latency_repeats, command, chosen)
     except StudyError as e:
         sys.exit(f"tools.study: error: {e}")
 
