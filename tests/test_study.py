@@ -4,7 +4,6 @@ reading, Dice gains and command line."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex
@@ -24,7 +23,6 @@ from tools.study import (
     Schedule,
     StageAction,
     StudyError,
-    StudyModel,
     StudyPaths,
     _gain_cell,
     _shell_join,
@@ -53,13 +51,6 @@ REGIONS = ("WT", "TC", "ET")
 def option(command: list[str], name: str) -> str:
     """The value following ``--name`` in a command."""
     return command[command.index(f"--{name}") + 1]
-
-
-def config_ids(model: StudyModel) -> set[str]:
-    """The top-level ids a model's training configs define (the bundle refuses others on its command line)."""
-    return {
-        config_id for config in model.training_configs for config_id in json.loads((BUNDLE_ROOT / config).read_text())
-    }
 
 
 def save_last_checkpoint(path: Path, epochs_done: int, max_epochs: int, epoch_length: int = 3) -> None:
@@ -444,12 +435,7 @@ def test_the_study_trains_evaluates_and_reports_then_reruns_as_a_no_op(tmp_path,
     schedule = Schedule("tiny", teacher_epochs=1, student_epochs=1, teacher_val_interval=1, student_val_interval=1)
     tiny = {"patch_size": 32, "patches_per_case": 2, "batch_size": 1, "infer_batch_size": 16}
     tiny["teacher_def#channels"] = [8, 16, 32, 64, 128]
-    # the models set only the ids their configs define: the bundle refuses any other on its command line (configs
-    # without unlabelled_ratio and pairwise_weight then train every distilled student as student_kd)
-    models = [
-        dataclasses.replace(model, overrides={k: v for k, v in model.overrides.items() if k in config_ids(model)})
-        for model in select_models(study_models(unlabelled_ratio=1.0), None, unlabelled=True)
-    ]
+    models = select_models(study_models(unlabelled_ratio=1.0), None, unlabelled=True)
     args = (str(tmp_path / "data"), str(tmp_path / "out"), schedule, str(datalist), tiny)
     kwargs = {"figure_cases": 1, "latency_repeats": 1, "models": models}
 
