@@ -322,4 +322,4 @@ class DistillationLoss(_Loss):
             terms.append(self.kd_weight * self.kd_term(student_logits, teacher_logits, mask, teacher_probs))
         if self.pairwise_weight > 0:
             terms.append(self.pairwise_weight * self.pairwise_term(student_logits, teacher_logits, teacher_probs))
-        return terms[0] if len(terms) == 1 else sum(terms[1:], terms[0])
+        return sum(terms[1:], terms[0])
