@@ -160,18 +160,25 @@ def test_argmax_label_map_equals_monai_as_discrete_including_ties():
     assert torch.equal(actual.as_tensor().long(), expected.as_tensor().long())
 
 
-def test_onnxruntime_backend_matches_the_torch_fast_path(trained_like_network):
+def test_onnxruntime_backend_matches_the_torch_fast_path(trained_like_network, monkeypatch):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     network = trained_like_network()
     volume = _volume_with_background()
     inferer = BrainSliceInferer(sw_batch_size=4, backend="onnxruntime")
+    exports = []
+    export = torch.onnx.export
+
+    def counted_export(*args, **kwargs):
+        exports.append(args[0])
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", counted_export)
     with torch.no_grad():
         expected = BrainSliceInferer(sw_batch_size=4)(volume, network)
         actual = inferer(volume, network)
-        exported = inferer._onnx
         inferer(volume, network)
-        assert inferer._onnx is exported, "the same weights are not exported again"
+    assert len(exports) == 1, "the same weights are not exported again"
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import csv
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.data import MetaTensor
 
 from scripts.brats_regions import labels_to_regions, region_names, regions_to_labels
@@ -77,6 +77,18 @@ def test_regions_other_than_the_tasks_are_refused():
         case_metrics(torch.zeros(1, 4, 4, 4), torch.zeros(1, 4, 4, 4), ("ET",))
 
 
+def _evaluate(report: BraTSMetricsReport, batches: list[tuple[list[dict], list[dict]]]) -> None:
+    """Run the report on an ignite engine whose iterations give these (batch, output) pairs, as the evaluator's do."""
+
+    def step(engine: Engine, item: tuple[list[dict], list[dict]]) -> list[dict]:
+        engine.state.batch = item[0]  # the decollated batch, as MONAI's evaluator leaves it
+        return item[1]
+
+    evaluator = Engine(step)
+    report.attach(evaluator)
+    evaluator.run(batches, max_epochs=1)
+
+
 def test_report_writes_one_row_per_case_and_a_mean_row(tmp_path):
     report = BraTSMetricsReport(output_dir=str(tmp_path / "eval"), num_classes=4, filename="metrics_test.csv")
     shape = (1, 12, 12, 6)
@@ -84,15 +96,9 @@ def test_report_writes_one_row_per_case_and_a_mean_row(tmp_path):
     label[0, 3:8, 3:8, 1:5] = 2
     label[0, 4:6, 4:6, 2:4] = 3
     regions = labels_to_regions(label, 4)
-    engine = SimpleNamespace(
-        state=SimpleNamespace(
-            batch=[{"case_id": "case_b"}, {"case_id": "case_a"}],
-            output=[{"pred": regions, "label": regions}, {"pred": torch.zeros_like(regions), "label": regions}],
-        )
-    )
-    report._reset(engine)
-    report._collect(engine)
-    report._write(engine)
+    batch = [{"case_id": "case_b"}, {"case_id": "case_a"}]
+    output = [{"pred": regions, "label": regions}, {"pred": torch.zeros_like(regions), "label": regions}]
+    _evaluate(report, [(batch, output)])
     with open(report.path) as f:
         rows = list(csv.DictReader(f))
     assert [r["case_id"] for r in rows] == ["case_a", "case_b", *SUMMARY_ROWS]
@@ -106,5 +112,5 @@ def test_report_writes_one_row_per_case_and_a_mean_row(tmp_path):
 def test_report_without_cases_fails_instead_of_writing_an_empty_table(tmp_path):
     report = BraTSMetricsReport(output_dir=str(tmp_path), num_classes=2)
     with pytest.raises(RuntimeError, match="no case"):
-        report._write(SimpleNamespace())
+        _evaluate(report, [([], [])])
     assert not (tmp_path / "metrics.csv").exists()
