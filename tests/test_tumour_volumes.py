@@ -71,10 +71,11 @@ def test_a_whole_tumour_above_the_share_of_the_brain_is_warned_naming_the_case_a
     plausible = {"wt_ml": 232.0, "tc_ml": 80.0, "et_ml": 40.0, "brain_ml": 1400.0}  # 16.6%: the largest real case
     implausible = {**plausible, "wt_ml": 750.0}  # 54% of the brain
     report_cases(tmp_path, {"plausible": plausible, "implausible": implausible, "empty": dict.fromkeys(plausible, 0.0)})
-    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    records = [r for r in caplog.records if r.name == LOGGER]
+    [warning] = [r.getMessage() for r in records if r.levelno == logging.WARNING]
     assert warning.startswith(f"case implausible: implausible segmentation {tmp_path / 'implausible_seg.nii.gz'}")
     assert "whole tumour is 54% of the brain, above max_tumour_share 50%" in warning
-    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    info = [r.getMessage() for r in records if r.levelno == logging.INFO]
     assert info[0] == (
         f"case plausible: WT 232.0 mL, TC 80.0 mL, ET 40.0 mL (16.6% of the brain's 1400.0 mL) in "
         f"{tmp_path / 'plausible_seg.nii.gz'}"
