@@ -11,9 +11,11 @@ case per run instead of one per patch per epoch.
 On disk (``cache_dir``) each case is one ``<case_id>.pt`` file holding float16 probabilities of the brain's bounding
 box (plus ``margin`` voxels) and of one all-background slice, which fills the rest of the volume when it is read
 back. A file is reused only when its fingerprint (teacher weights, temperature, mode and the preprocessed image) is
-the one of the current run; otherwise the teacher runs again and the file is replaced atomically (each computation
-is logged, naming the case). With one training process per GPU each process caches only its own share of the cases
-(``scripts.distributed.PartitionedCacheDataset``), so the teacher runs once per case, not once per case and process.
+the one of the current run; otherwise the teacher runs again and the file is replaced atomically. Each computation
+is logged when it starts and when it ends, naming the case, the cache file and the time it took (tens of seconds per
+real BraTS case on CPU), between the updates of ``CacheDataset``'s progress bar over the cases. With one training
+process per GPU each process caches only its own share of the cases (``scripts.distributed.PartitionedCacheDataset``)
+and logs its own computations, so the teacher runs once per case, not once per case and process.
 
 Probabilities rather than logits are stored because zero is then "no target": voxels that a rotation or padding
 brings in from outside the image get all-zero probabilities, which contribute nothing to the KL term
@@ -26,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import warnings
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -183,11 +186,14 @@ class TeacherSoftLabelsd(MapTransform):
         fingerprint = self._fingerprint(image)
         record = self._read(path, fingerprint)
         if record is None:
+            self.logger.info(f"case {case_id}: computing the teacher's soft labels (once per case) -> {path}")
+            start = time.perf_counter()
             record = self._compute(image, fingerprint)
             os.makedirs(self.cache_dir, exist_ok=True)
             with atomic_path(path) as tmp:
                 torch.save(record, tmp)
-            self.logger.info(f"case {case_id}: teacher soft labels computed, cached in {path}")
+            seconds = time.perf_counter() - start
+            self.logger.info(f"case {case_id}: teacher soft labels computed in {seconds:.1f} s, cached in {path}")
         probs = self._expand(record)
         d[self.soft_label_key] = MetaTensor(probs, meta=dict(meta)) if isinstance(image, MetaTensor) else probs
         return d

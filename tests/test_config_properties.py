@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,15 @@ def test_one_knob_sets_the_mode_of_the_loss_and_of_the_cached_soft_labels():
     parser["train#soft_label_transform#teacher"] = "$torch.nn.Conv2d(3, 4, 1)"
     assert parser.get_parsed_content("loss").mode == "sigmoid"
     assert parser.get_parsed_content("train#soft_label_transform").mode == "sigmoid"
+
+
+def test_checkpoint_report_names_the_files_the_savers_write():
+    for config_file in (TRAIN, TEACHER, DISTILL):
+        parser = parsed(config_file)
+        [index] = [i for i, h in enumerate(parser["train#handlers"]) if h["_target_"].endswith("CheckpointReport")]
+        ckpt_dir = parser.get_parsed_content("ckpt_dir")
+        report = f"train#handlers#{index}"
+        assert parser.get_parsed_content(f"{report}#best_ckpt") == os.path.join(ckpt_dir, best_checkpoint_file(parser))
+        assert parser.get_parsed_content(f"{report}#last_ckpt") == os.path.join(
+            ckpt_dir, parser.get_parsed_content("last_ckpt_name")
+        )

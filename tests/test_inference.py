@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import subprocess
@@ -58,7 +59,16 @@ def test_folder_inference_writes_each_case_in_its_input_geometry_and_release_lab
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     cases = find_cases(data, require_label=False)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c['case_id']}_seg.nii.gz" for c in cases)
+    segmentations = [f"{c['case_id']}_seg.nii.gz" for c in cases]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*segmentations, "tumour_volumes.csv"])
+    with open(out / "tumour_volumes.csv", newline="") as f:
+        volumes = list(csv.DictReader(f))
+    assert [(v["case_id"], Path(v["file"]).name) for v in volumes] == [
+        (c["case_id"], s) for c, s in zip(cases, segmentations)
+    ]
+    # the student predicts tumour on every brain voxel: the whole tumour is the brain, an implausible one
+    assert all(float(v["wt_ml"]) == float(v["brain_ml"]) > 0 for v in volumes)
+    assert "implausible segmentation" in result.stdout + result.stderr
     for case in cases:
         source = nib.load(first_file(case))
         written = nib.load(out / f"{case['case_id']}_seg.nii.gz")
@@ -196,7 +206,8 @@ def test_challenge_convention_writes_what_the_official_command_line_scores(tmp_p
         cwd=BUNDLE_ROOT, check=True, capture_output=True,
     )  # fmt: skip
     cases = find_cases(data)
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{c['case_id']}.nii.gz" for c in cases)
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted([*(f"{c['case_id']}.nii.gz" for c in cases), "tumour_volumes.csv"])
     references = tmp_path / "references"  # the official tool reads one folder of reference files
     references.mkdir()
     for case in cases:

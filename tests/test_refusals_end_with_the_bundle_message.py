@@ -117,3 +117,12 @@ def test_unknown_run_id_ends_naming_the_configs_run_id(bundle_inputs, tmp_path):
     line = last_line_of_refused_run("inference", "--config_file", "configs/inference.json")
     assert line.startswith("CommandLineError: run id 'inference' is not defined by configs/inference.json")
     assert "the workflows they define: run " in line
+
+
+@pytest.mark.slow
+def test_inference_before_any_training_ends_saying_how_to_train_or_which_id_to_set(bundle_inputs, tmp_path):
+    missing = tmp_path / "models" / "model.pt"
+    line = infer({**bundle_inputs, "checkpoint": missing}, tmp_path / "seg")
+    assert line.startswith(f"CheckpointMismatchError: no trained network at {missing}: train one first")
+    assert "--config_file configs/train.json" in line and line.endswith("or pass --ckpt_path <checkpoint file>.")
+    assert list((tmp_path / "seg").iterdir()) == []

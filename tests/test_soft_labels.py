@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,26 @@ def test_teacher_runs_once_per_case_and_again_when_its_weights_change(tmp_path, 
     assert not torch.equal(first, soft_labels(seed=1)) and len(calls) == 2
     soft_labels(seed=1, temperature=TEMPERATURE * 2)
     assert len(calls) == 3, "another temperature is another target"
+
+
+def test_each_computation_is_logged_naming_the_case_and_its_cache_file_and_a_reused_file_is_silent(
+    tmp_path, caplog, trained_like_network
+):
+    logging.getLogger("TeacherSoftLabelsd").disabled = False  # a bundle run in this process may have disabled it
+    caplog.set_level(logging.INFO, logger="TeacherSoftLabelsd")
+    transform = TeacherSoftLabelsd(
+        "image", trained_like_network(TEACHER_CHANNELS, dropout=0.5), str(tmp_path), TEMPERATURE
+    )
+    transform(_case())
+    cache_file = tmp_path / "BraTS20_Training_001.pt"
+    starting, done = [r.getMessage() for r in caplog.records if r.name == "TeacherSoftLabelsd"]
+    assert starting == f"case BraTS20_Training_001: computing the teacher's soft labels (once per case) -> {cache_file}"
+    assert done.startswith("case BraTS20_Training_001: teacher soft labels computed in ") and done.endswith(
+        f" s, cached in {cache_file}"
+    )
+    caplog.clear()
+    transform(_case())
+    assert [r for r in caplog.records if r.name == "TeacherSoftLabelsd"] == []
 
 
 def test_truncated_cache_file_is_recomputed_with_a_warning_naming_it(tmp_path, trained_like_network):

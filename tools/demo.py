@@ -25,6 +25,8 @@ TEACHER_CONFIGS = "['configs/train.json','configs/teacher.json']"
 TEACHER_EVALUATE_CONFIGS = "['configs/train.json','configs/teacher.json','configs/evaluate.json']"
 # the distillation: configs/distill.json adds the teacher, soft labels and loss to configs/train.json
 DISTILL_CONFIGS = "['configs/train.json','configs/distill.json']"
+# the comparison's default folder: not the tracked docs/results, which holds the published demo run
+DEMO_RESULTS_DIR = "runs/demo/results"
 
 
 def _shell_text(command: list[str]) -> str:
@@ -49,7 +51,7 @@ def main(
     teacher_epochs: int = 10,
     student_epochs: int = 30,
     epochs_scale: float = 1.0,
-    results_dir: str = "docs/results",
+    results_dir: str = DEMO_RESULTS_DIR,
 ) -> None:
     """Generate synthetic data, train the teacher, distil the student, train the student alone, compare them.
 
@@ -60,7 +62,9 @@ def main(
         teacher_epochs: teacher training epochs.
         student_epochs: epochs of the distilled student and of the student trained alone.
         epochs_scale: multiplies both epoch counts.
-        results_dir: where the three-way comparison (table, figure, JSON, CSV) is written.
+        results_dir: where the three-way comparison (table, figure, JSON, CSV) is written, relative to the bundle
+            root: by default a folder of its own under the git-ignored ``runs/``, so that a demo never replaces
+            the published demo figures of ``docs/results`` (pass ``--results_dir docs/results`` to renew them).
     """
     start = time.perf_counter()
     python = sys.executable
