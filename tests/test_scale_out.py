@@ -284,6 +284,7 @@ def test_failing_case_leaves_the_previous_good_segmentation_and_an_empty_brain_i
     empty = nib.load(out / "BraTS20_Training_002_seg.nii.gz")
     assert not np.asanyarray(empty.dataobj).any()
     good = (out / "BraTS20_Training_002_seg.nii.gz").read_bytes()
+    volumes = (out / "tumour_volumes.csv").read_bytes()
 
     flair = next(dataset.glob("BraTS20_Training_002/*_flair.nii.gz"))
     volume = np.ones((16, 16, 8), np.float32)
@@ -293,9 +294,11 @@ def test_failing_case_leaves_the_previous_good_segmentation_and_an_empty_brain_i
     assert result.returncode != 0
     assert re.search(rf"case BraTS20_Training_002: .*{flair.name} holds NaN or infinite", result.stderr)
     assert (out / "BraTS20_Training_002_seg.nii.gz").read_bytes() == good
+    assert (out / "tumour_volumes.csv").read_bytes() == volumes
     assert sorted(p.name for p in out.iterdir()) == [
         "BraTS20_Training_001_seg.nii.gz",
         "BraTS20_Training_002_seg.nii.gz",
+        "tumour_volumes.csv",
     ]
 
 
