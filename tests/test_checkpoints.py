@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import warnings
 
@@ -43,16 +44,21 @@ def test_atomic_save_that_fails_midway_keeps_the_previous_file_and_leaves_no_par
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
-def test_best_model_saver_replaces_the_file_without_deleting_it_first(tmp_path):
+def test_best_model_saver_replaces_the_file_without_deleting_it_first(tmp_path, monkeypatch):
     network = torch.nn.Linear(2, 1)
     saver = AtomicCheckpointSaver(
         save_dir=str(tmp_path), save_dict={"model": network}, save_key_metric=True, key_metric_name="dice",
         key_metric_filename="model.pt",
     )  # fmt: skip
-    still_there = []  # whether model.pt exists right after ignite asked to remove the outdated best
-    handler = saver._key_metric_checkpoint.save_handler
-    handler_remove = handler.remove
-    handler.remove = lambda name: (handler_remove(name), still_there.append((tmp_path / "model.pt").exists()))
+    deleted = []  # every file the run deletes
+    os_remove = os.remove
+
+    def recording_remove(path, *args, **kwargs):
+        deleted.append(str(path))
+        os_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "remove", recording_remove)
+    monkeypatch.setattr(os, "unlink", recording_remove)
     engine = Engine(lambda e, b: None)
     scores = iter([0.2, 0.5, 0.3])
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: e.state.metrics.update(dice=next(scores)))
@@ -62,7 +68,7 @@ def test_best_model_saver_replaces_the_file_without_deleting_it_first(tmp_path):
     engine.add_event_handler(Events.EPOCH_STARTED, lambda e: network.bias.fill_(e.state.epoch))
     engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: weights.append(float(network.bias)))
     engine.run([0], max_epochs=3)
-    assert still_there == [True]  # the new best file replaced the old one by rename, never deleted first
+    assert str(tmp_path / "model.pt") not in deleted  # the new best file replaced the old one by rename
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     assert set(state) == {"weight", "bias"}  # a plain state dict of the network
     assert float(state["bias"]) == weights[1]  # epoch 2 had the best score
