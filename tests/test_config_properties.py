@@ -115,6 +115,16 @@ def test_network_width_override_reaches_the_distilled_student():
     assert student.head.in_channels == 8
 
 
+def test_a_deeper_network_sets_the_padding_and_crop_grid_of_validation_and_inference():
+    for config_file in (TRAIN, str(CONFIG_DIR / "inference.json")):
+        parser = parsed(config_file)
+        parser["network_def#channels"] = [8, 16, 32, 64, 128, 256]  # five poolings: H, W multiples of 32
+        preprocessing = "validate#preprocessing_transforms" if config_file == TRAIN else "preprocessing#transforms"
+        pad = next(t for t in parser.get_parsed_content(preprocessing) if type(t).__name__ == "DivisiblePadd")
+        inferer = parser.get_parsed_content("validate#inferer" if config_file == TRAIN else "inferer")
+        assert (list(pad.padder.k), inferer.divisor) == ([32, 32, 1], 32)
+
+
 def test_one_knob_sets_the_mode_of_the_loss_and_of_the_cached_soft_labels():
     parser = parsed(DISTILL)
     parser["kd_mode"] = "sigmoid"
