@@ -115,8 +115,9 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
     """Tell which BraTS release layout a dataset folder follows.
 
     A folder is ``msd`` when ``imagesTr/`` or ``imagesTs/`` holds NIfTI files, ``brats2020`` or ``brats2023``
-    when its case subfolders hold files named after the folder in that release's convention (any sequence or the
-    segmentation counts, so a case missing one sequence is still recognised). Hidden entries are ignored.
+    when its case subfolders (or those of grouping folders such as ``HGG/``) hold files named after the folder in
+    that release's convention, in any letter case (any sequence or the segmentation counts, so a case missing one
+    sequence is still recognised). Hidden entries are ignored.
 
     Args:
         dataset_dir: the dataset folder.
@@ -136,12 +137,11 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
     for images_dir in ("imagesTr", "imagesTs"):
         if _nifti_files(root / images_dir):
             found.setdefault("msd", str(root / images_dir))
-    for case_dir in _case_dirs(root):
-        names = {p.name for p in case_dir.iterdir()}
-        for layout, separator in _SEPARATORS.items():
-            suffixes = [*SEQUENCE_FILE_NAMES[layout].values(), "seg"]
-            if any(f"{case_dir.name}{separator}{s}{ext}" in names for s in suffixes for ext in _NIFTI_EXTENSIONS):
-                found.setdefault(layout, str(case_dir))
+    for layout in _SEPARATORS:
+        for folder in _case_folder_candidates(root, layout):
+            if _holds_case_files(folder, layout):
+                found.setdefault(layout, str(folder))
+                break
     if not found:
         raise BraTSDataError(f"Dataset folder {root} follows no known BraTS layout; expected {_EXPECTED_LAYOUTS}.")
     if len(found) > 1:
@@ -155,10 +155,13 @@ def find_cases(
 ) -> list[dict[str, Any]]:
     """Find every case of a BraTS dataset folder, in any layout of ``LAYOUTS``.
 
-    For ``brats2020``/``brats2023`` every (non-hidden) subfolder is a case whose id is the folder name; ``.nii``
-    files are accepted besides ``.nii.gz``. For ``msd`` every image of ``imagesTr/`` is a case (plus ``imagesTs/``
-    when ``require_label`` is False), labelled by the file of the same name in ``labelsTr/`` (``labelsTs/``).
-    No case is skipped: a missing file is an error.
+    For ``brats2020``/``brats2023`` every (non-hidden) subfolder holding files named after it is a case whose id is
+    the folder name, also one level down in grouping folders (BraTS 2019's ``HGG/`` and ``LGG/``, or
+    ``<case>/<case>/``); file names are compared in any letter case, and ``.nii`` files are accepted besides
+    ``.nii.gz``. For ``msd`` every image of ``imagesTr/`` is a case (plus ``imagesTs/`` when ``require_label`` is
+    False), labelled by the file of the same name in ``labelsTr/`` (``labelsTs/``). No case is skipped: a missing
+    file is an error, and so are two files for one volume or one case id twice; only a subfolder without any NIfTI
+    file (``docs/``) is skipped, with a warning.
 
     Args:
         dataset_dir: the dataset folder.
@@ -172,8 +175,10 @@ def find_cases(
         (absolute path, present when the file exists).
 
     Raises:
-        BraTSDataError: if the layout is not recognised, no case is found, a requested sequence file is missing, or
-            a label is missing while ``require_label`` is True; the message names the case and the expected file.
+        BraTSDataError: if the layout is not recognised, no case is found, a requested sequence file is missing,
+            a label is missing while ``require_label`` is True, a volume has two files (``.nii`` and ``.nii.gz``),
+            a case id is found twice, or a subfolder holds NIfTI files not named after it; the message names the
+            case and the files.
     """
     root = _absolute(dataset_dir)
     sequences = canonical_sequences(modalities)
@@ -215,7 +220,7 @@ def case_from_file(path: str | os.PathLike, modalities: Sequence[str] = ("flair"
     stem = _strip_nifti(file.name)
     for layout, separator in _SEPARATORS.items():
         suffixes = "|".join(list(SEQUENCE_FILE_NAMES[layout].values()) + ["seg"])
-        match = re.fullmatch(rf"(?P<case>.+){re.escape(separator)}(?:{suffixes})", stem)
+        match = re.fullmatch(rf"(?P<case>.+){re.escape(separator)}(?:{suffixes})", stem, flags=re.IGNORECASE)
         if match:
             return _make_case(match["case"], file.parent, layout, sequences, require_label=False)
     if file.parent.name in ("imagesTr", "imagesTs"):
@@ -326,12 +331,31 @@ def load_datalist(
 
     Raises:
         BraTSDataError: if the file cannot be read, is not valid JSON, has no ``training`` list, holds an entry
-            without a case id, or names a case that is not in ``dataset_dir``; or as :func:`find_cases` for a listed
-            case.
+            without a case id, names a case that is not in ``dataset_dir``, or lists a case twice in one split (a
+            case in two splits is warned about); or as :func:`find_cases` for a listed case.
     """
     path = _absolute(datalist_file)
     datalist = _read_datalist(path)
-    return {split: _datalist_cases(datalist, split, path, dataset_dir, modalities, require_label) for split in SPLITS}
+    splits = {split: _datalist_cases(datalist, split, path, dataset_dir, modalities, require_label) for split in SPLITS}
+    listed: dict[str, list[str]] = {}  # case id -> the splits that list it
+    for split in SPLITS:
+        for case in splits[split]:
+            splits_of_case = listed.setdefault(case["case_id"], [])
+            if split in splits_of_case:
+                raise BraTSDataError(
+                    f'Datalist {path} lists case {case["case_id"]} twice in "{split}", where it would weigh twice; '
+                    "list every case once."
+                )
+            splits_of_case.append(split)
+    for case_id, splits_of_case in listed.items():
+        if len(splits_of_case) > 1:
+            warnings.warn(
+                f"Datalist {path} lists case {case_id} in {' and '.join(splits_of_case)}: the metrics of the later "
+                "split are not a held-out estimate for it.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return splits
 
 
 def find_unlabelled_cases(
@@ -519,10 +543,67 @@ def _strip_nifti(name: str) -> str:
     return name
 
 
+def _case_file_stems(folder: Path, layout: str) -> list[str]:
+    """The lower-case file name stems of a case folder's files in ``layout``: ``<case><separator><suffix>``."""
+    prefix = f"{folder.name}{_SEPARATORS[layout]}".lower()
+    return [prefix + suffix for suffix in (*SEQUENCE_FILE_NAMES[layout].values(), "seg")]
+
+
+def _holds_case_files(folder: Path, layout: str) -> bool:
+    """Whether a folder holds a file named after it in ``layout``'s convention (any sequence or the label)."""
+    stems = set(_case_file_stems(folder, layout))
+    return any(_strip_nifti(p.name).lower() in stems for p in _nifti_files(folder))
+
+
+def _case_folder_candidates(root: Path, layout: str) -> list[Path]:
+    """The folders that may be cases: ``root``'s subfolders, and those of grouping folders one level down.
+
+    A grouping folder holds no NIfTI file itself and at least one case folder: BraTS 2019's ``HGG/`` and ``LGG/``,
+    or a case folder unpacked into ``<case>/<case>/``.
+    """
+    candidates = []
+    for folder in _case_dirs(root):
+        subfolders = _case_dirs(folder)
+        if not _nifti_files(folder) and any(_holds_case_files(sub, layout) for sub in subfolders):
+            candidates += subfolders
+        else:
+            candidates.append(folder)
+    return candidates
+
+
+def _case_folders(root: Path, layout: str) -> dict[str, Path]:
+    """Case id -> case folder of a per-case layout, sorted by case id.
+
+    A folder without any NIfTI file (``docs/``, ...) is skipped with a warning; one whose NIfTI files are not named
+    after it, or a case id found twice (``HGG/<case>`` and ``LGG/<case>``), is refused.
+    """
+    folders: dict[str, Path] = {}
+    for folder in _case_folder_candidates(root, layout):
+        if not _holds_case_files(folder, layout):
+            example = f"{folder.name}{_SEPARATORS[layout]}{SEQUENCE_FILE_NAMES[layout]['flair']}.nii.gz"
+            if _nifti_files(folder):
+                raise BraTSDataError(
+                    f"Folder {folder} holds NIfTI files, but none named after the folder as {layout} case files are "
+                    f"(e.g. {example}); rename the files or the folder, or move it out of {root}."
+                )
+            warnings.warn(
+                f"Folder {folder} holds no NIfTI file, so it is not a {layout} case (e.g. {example}): skipped.",
+                UserWarning,
+                stacklevel=4,
+            )
+            continue
+        if folder.name in folders:
+            raise BraTSDataError(
+                f"Case {folder.name} is found twice: {folders[folder.name]} and {folder}; keep one of them."
+            )
+        folders[folder.name] = folder
+    return dict(sorted(folders.items()))
+
+
 def _candidates(root: Path, layout: str, require_label: bool) -> dict[str, Path]:
     """Case id -> case folder (per-case layouts) or 4D image file (msd), sorted by case id, nothing checked yet."""
     if layout != "msd":
-        return {p.name: p for p in _case_dirs(root)}
+        return _case_folders(root, layout)
     candidates: dict[str, Path] = {}
     for images_dir in ("imagesTr",) if require_label else ("imagesTr", "imagesTs"):
         for image in _nifti_files(root / images_dir):
@@ -549,13 +630,14 @@ def _make_case(case_id: str, source: Path, layout: str, sequences: list[str], re
         case["image"] = []
         for sequence in sequences:
             stem = source / f"{case_id}{separator}{SEQUENCE_FILE_NAMES[layout][sequence]}"
-            image = _existing_nifti(stem)
+            image = _existing_nifti(stem, case_id)
             if image is None:
                 raise BraTSDataError(
-                    f"Case {case_id}: missing {sequence} file {stem}.nii.gz (also looked for {stem.name}.nii)."
+                    f"Case {case_id}: missing {sequence} file {stem}.nii.gz (also looked for {stem.name}.nii, in any "
+                    "letter case)."
                 )
             case["image"].append(str(image))
-        label = _existing_nifti(source / f"{case_id}{separator}seg")
+        label = _existing_nifti(source / f"{case_id}{separator}seg", case_id)
         expected_label = source / f"{case_id}{separator}seg.nii.gz"
     if label is not None:
         case["label"] = str(label)
@@ -564,12 +646,18 @@ def _make_case(case_id: str, source: Path, layout: str, sequences: list[str], re
     return case
 
 
-def _existing_nifti(stem: Path) -> Path | None:
-    for ext in _NIFTI_EXTENSIONS:
-        path = stem.parent / f"{stem.name}{ext}"
-        if path.is_file():
-            return path
-    return None
+def _existing_nifti(stem: Path, case_id: str) -> Path | None:
+    """The one NIfTI file ``<stem>.nii.gz`` or ``<stem>.nii`` (file names compared in any letter case), or None.
+
+    Raises:
+        BraTSDataError: naming the case and both files, if more than one file matches.
+    """
+    matches = [p for p in _nifti_files(stem.parent) if _strip_nifti(p.name).lower() == stem.name.lower()]
+    if len(matches) > 1:
+        raise BraTSDataError(
+            f"Case {case_id}: {' and '.join(str(p) for p in matches)} are two files for one volume; keep one of them."
+        )
+    return matches[0] if matches else None
 
 
 def _datalist_case_id(entry: Any, datalist_file: Path, split: str) -> str:

@@ -12,7 +12,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import LoadImage, MapTransform
 from scripts.brats_data import LABEL_MAPS, BraTSDataError, case_from_file
+from scripts.case_metadata import BRATS_LAYOUT, CASE_ID, EMPTY_BRAIN, SOURCE_FILES
 from scripts.label_convention import check_label_convention
+from scripts.volume_checks import check_header_geometry, check_intensities, check_volume_shape
 
 __all__ = ["LoadBraTSCased", "map_release_labels"]
 
@@ -65,9 +67,11 @@ class LoadBraTSCased(MapTransform):
     ``scripts.brats_data.case_from_file``: its sibling sequence files are found, but its label is always the file
     under the label key (the label MONAI Label hands over), never a ``seg`` file found next to the study. The
     loaded data holds the same keys whatever the study's layout (``channel_indices``, which selects an MSD image's
-    channels, is consumed), so studies of different layouts can share a batch. Every file is checked: readable, same
-    shape and affine as the others, finite voxel values; the label's values must belong to the label set of
-    ``label_convention`` and are mapped to the internal convention by :func:`map_release_labels`.
+    channels, is consumed), so studies of different layouts can share a batch. Every file is checked: readable, one 3D
+    volume (an MSD image: 4D), same shape and affine as the others, finite voxel values, then the intensity and
+    header checks of ``scripts.volume_checks`` (refused or warned about, naming the case and the file); the label's
+    values must belong to the label set of ``label_convention`` and are mapped to the internal convention by
+    :func:`map_release_labels`.
 
     Args:
         keys: the image key and, optionally, the label key, in this order.
@@ -79,8 +83,8 @@ class LoadBraTSCased(MapTransform):
         allow_missing_keys: whether a case without a label (inference) is accepted.
 
     Raises:
-        BraTSDataError: naming the case and the file, for an unreadable file, a shape or affine mismatch,
-            non-finite voxels or unexpected label values.
+        BraTSDataError: naming the case and the file, for an unreadable file, a file that is not one 3D volume, a
+            shape or affine mismatch, non-finite voxels, values too large to z-score or unexpected label values.
         ValueError: if ``label_convention`` is unknown.
     """
 
@@ -112,6 +116,7 @@ class LoadBraTSCased(MapTransform):
         paths = case[key]
         if isinstance(paths, str):  # MSD: one 4D file, channels selected by the datalist
             volume = self._read(paths, case_id)
+            check_volume_shape(volume, paths, case_id, "a 4D image's every channel", channels=None)
             indices = list(case["channel_indices"])
             if volume.shape[0] <= max(indices):
                 raise BraTSDataError(
@@ -120,16 +125,18 @@ class LoadBraTSCased(MapTransform):
             volumes, paths = [volume[i : i + 1] for i in indices], [paths] * len(indices)
         else:
             volumes = [self._read(p, case_id) for p in paths]
+            for volume, path in zip(volumes, paths):
+                check_volume_shape(volume, path, case_id, "a sequence file")
         reference, reference_path = volumes[0], paths[0]
         for volume, path in zip(volumes, paths):
             self._check_geometry(volume, reference, case_id, path, reference_path)
-            if not torch.isfinite(volume).all():
-                raise BraTSDataError(f"case {case_id}: {path} holds NaN or infinite voxel values.")
         image = torch.cat([v.as_tensor() for v in volumes], dim=0)
-        meta = {**reference.meta, "case_id": case_id, "brats_layout": case["layout"]}
+        check_intensities(image, paths, case_id)
+        check_header_geometry(paths, case_id)
+        meta = {**reference.meta, CASE_ID: case_id, BRATS_LAYOUT: case["layout"]}
         # an all-zero image (empty brain) is segmented as background at inference (brats_output)
-        meta["empty_brain"] = not bool(image.any())
-        meta["source_files"] = ", ".join(dict.fromkeys(paths))
+        meta[EMPTY_BRAIN] = not bool(image.any())
+        meta[SOURCE_FILES] = ", ".join(dict.fromkeys(paths))
         return MetaTensor(image, meta=meta)
 
     @staticmethod
@@ -161,6 +168,7 @@ class LoadBraTSCased(MapTransform):
         for label_key in key_iter:
             path = d[label_key]
             label = self._read(path, d["case_id"])
+            check_volume_shape(label, path, d["case_id"], "the label")
             self._check_geometry(label, d[image_key], d["case_id"], path, _first_path(source))
             internal = map_release_labels(label.numpy(), label_set, self.num_classes, d["case_id"], path)
             d[label_key] = MetaTensor(torch.from_numpy(internal), meta=label.meta)

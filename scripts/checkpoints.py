@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import pickle
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -225,12 +227,18 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         the loaded object.
 
     Raises:
-        CheckpointMismatchError: if the file is missing, corrupt, or refused by ``weights_only`` loading (pickled
-            code or objects other than tensors and containers).
+        CheckpointMismatchError: if the file is missing, a TorchScript archive or a NIfTI image, corrupt, or refused
+            by ``weights_only`` loading (pickled code or objects other than tensors and containers).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointMismatchError(f"{what} {path} not found.")
+    kind = _other_file_kind(path)
+    if kind is not None:
+        raise CheckpointMismatchError(
+            f"{what} {path} is {kind}, not a checkpoint of network weights (a state dict saved with torch.save, "
+            "as models/model.pt); pass the .pt checkpoint instead."
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -241,6 +249,29 @@ def read_checkpoint(path: str | os.PathLike, what: str = "checkpoint") -> Any:
         ) from e
     except Exception as e:
         raise CheckpointMismatchError(f"cannot read {what} {path} (corrupt or truncated?): {e}") from e
+
+
+_NIFTI_MAGIC = {344: (b"n+1\x00", b"ni1\x00"), 4: (b"n+2\x00", b"ni2\x00")}  # header offset -> NIfTI-1/-2 magic
+
+
+def _other_file_kind(path: str) -> str | None:
+    """What a file given as a checkpoint is instead, when it is a known other format: TorchScript or NIfTI."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist()):
+                return "a TorchScript archive (as models/model.ts, for deployment)"
+        return None
+    with open(path, "rb") as file:
+        start = file.read(2)
+    try:
+        opener = gzip.open if start == b"\x1f\x8b" else open
+        with opener(path, "rb") as file:
+            header = file.read(348)
+    except (OSError, EOFError):
+        return None
+    if any(header[offset : offset + 4] in magics for offset, magics in _NIFTI_MAGIC.items()):
+        return "a NIfTI image"
+    return None
 
 
 def state_dict_fingerprint(network: nn.Module) -> str:
@@ -293,7 +324,8 @@ def check_network_checkpoint(
         the checkpoint's network state dict.
 
     Raises:
-        CheckpointMismatchError: naming the file, if it cannot be read safely or does not fit ``network``.
+        CheckpointMismatchError: naming the file, if it cannot be read safely, does not fit ``network``, or holds
+            NaN or infinite weights (naming the tensors).
     """
     network = getattr(network, "module", network)
     state = _network_state(read_checkpoint(path, what), key, path, what)
@@ -331,6 +363,13 @@ def check_network_checkpoint(
         raise CheckpointMismatchError(
             f"{what} {path} does not fit {config_id} ({type(network).__name__}: other channel widths or depth?); "
             + "; ".join(details)
+        )
+    non_finite = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if non_finite:
+        raise CheckpointMismatchError(
+            f"{what} {path} holds NaN or infinite weights in {len(non_finite)} tensor(s) "
+            f"({', '.join(non_finite[:max_keys])}{', ...' if len(non_finite) > max_keys else ''}): the training that "
+            "wrote it diverged; use another checkpoint or train again."
         )
     return state
 

@@ -339,3 +339,88 @@ def test_an_unlabelled_case_listed_twice_is_refused(tmp_path, make_brats_folder)
     datalist.write_text(json.dumps({"training": [], "unlabelled": ["BraTS20_Training_001"]}))
     with pytest.raises(BraTSDataError, match="Unlabelled case BraTS20_Training_001 is listed twice"):
         find_unlabelled_cases(root, datalist=datalist, unlabelled_dir=root)
+
+
+def _move(source: Path, target: Path) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return source.rename(target)
+
+
+def test_a_folder_without_nifti_files_is_skipped_with_a_warning(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2020", num_cases=2)
+    (folder / "docs").mkdir()
+    (folder / "docs" / "notes.txt").write_text("acquisition notes")
+    with pytest.warns(UserWarning, match=r"docs holds no NIfTI file, so it is not a brats2020 case.*skipped"):
+        cases = find_cases(folder)
+    assert _ids(cases) == ["BraTS20_Training_001", "BraTS20_Training_002"]
+
+
+def test_a_folder_of_nifti_files_not_named_after_it_is_refused(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2020", num_cases=2)
+    _move(folder / "BraTS20_Training_002", folder / "renamed")
+    with pytest.raises(BraTSDataError, match=r"renamed holds NIfTI files, but none named after the folder"):
+        find_cases(folder)
+
+
+def test_brats2019_hgg_and_lgg_grouping_folders_are_searched(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2020", num_cases=3)
+    _move(folder / "BraTS20_Training_001", folder / "HGG" / "BraTS20_Training_001")
+    _move(folder / "BraTS20_Training_002", folder / "LGG" / "BraTS20_Training_002")
+    (folder / "name_mapping.csv").write_text("BraTS_2019_subject_ID\n")
+    assert detect_layout(folder) == "brats2020"
+    cases = find_cases(folder)
+    assert _ids(cases) == ["BraTS20_Training_001", "BraTS20_Training_002", "BraTS20_Training_003"]
+    assert "/LGG/BraTS20_Training_002/" in cases[1]["label"]
+
+
+def test_a_case_unpacked_into_a_folder_of_its_own_name_is_found(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2023", num_cases=1)
+    case = next(folder.iterdir())
+    _move(case, tmp_path / "moved")
+    _move(tmp_path / "moved", case / case.name)
+    assert find_cases(folder)[0]["image"][0].startswith(str(case / case.name) + "/")
+
+
+def test_one_case_id_in_two_grouping_folders_is_refused_naming_both(tmp_path, make_brats_folder):
+    hgg = make_brats_folder(tmp_path / "data" / "HGG", "brats2020", num_cases=1)
+    make_brats_folder(tmp_path / "data" / "LGG", "brats2020", num_cases=1)
+    with pytest.raises(BraTSDataError, match=r"Case BraTS20_Training_001 is found twice: .*HGG.* and .*LGG"):
+        find_cases(hgg.parent)
+
+
+def test_upper_case_sequence_file_names_are_found(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2020", num_cases=1)
+    for path in list(folder.glob("*/*.nii.gz")):
+        case_id, suffix = path.name[: -len(".nii.gz")].rsplit("_", 1)
+        path.rename(path.with_name(f"{case_id}_{suffix.upper()}.nii.gz"))
+    case = find_cases(folder)[0]
+    assert [Path(p).name for p in case["image"]] == [
+        "BraTS20_Training_001_FLAIR.nii.gz",
+        "BraTS20_Training_001_T1CE.nii.gz",
+        "BraTS20_Training_001_T2.nii.gz",
+    ]
+    assert case["label"].endswith("BraTS20_Training_001_SEG.nii.gz")
+
+
+def test_two_files_for_one_sequence_are_refused_naming_both(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2020", num_cases=1)
+    flair = next(folder.glob("*/*_flair.nii.gz"))
+    nib.save(nib.load(str(flair)), str(flair.with_name(flair.name[: -len(".gz")])))
+    with pytest.raises(BraTSDataError, match=r"Case BraTS20_Training_001: .*_flair.nii and .*_flair.nii.gz are two"):
+        find_cases(folder)
+
+
+def test_a_datalist_listing_a_case_twice_in_one_split_is_refused(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2020", num_cases=2)
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": ["BraTS20_Training_002"], "test": ["BraTS20_Training_001"] * 2}))
+    with pytest.raises(BraTSDataError, match=r'datalist.json lists case BraTS20_Training_001 twice in "test"'):
+        load_datalist(path, folder)
+
+
+def test_a_datalist_listing_a_case_in_two_splits_is_warned_about(tmp_path, make_brats_folder):
+    folder = make_brats_folder(tmp_path / "data", "brats2020", num_cases=2)
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": ["BraTS20_Training_001"], "test": ["BraTS20_Training_001"]}))
+    with pytest.warns(UserWarning, match=r"lists case BraTS20_Training_001 in training and test: the metrics"):
+        load_datalist(path, folder)

@@ -135,6 +135,31 @@ def test_truncated_checkpoint_names_the_file(tmp_path):
         check_network_checkpoint(SeparableUNet(3, 4, channels=TINY), str(tmp_path / "model.pt"))
 
 
+def test_checkpoint_with_nan_weights_is_refused_naming_the_tensor(tmp_path):
+    state = SeparableUNet(3, 4, channels=TINY).state_dict()
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name][0] = float("nan")
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(
+        CheckpointMismatchError, match=rf"model\.pt holds NaN or infinite weights in 1 tensor\(s\) \({name}\)"
+    ):
+        check_network_checkpoint(SeparableUNet(3, 4, channels=TINY), str(tmp_path / "model.pt"))
+
+
+def test_torchscript_archive_given_as_checkpoint_is_refused_saying_what_it_is(tmp_path):
+    network = SeparableUNet(3, 4, channels=TINY).eval()
+    torch.jit.trace(network, torch.zeros(1, 3, 16, 16)).save(str(tmp_path / "model.ts"))
+    with pytest.raises(CheckpointMismatchError, match=r"model\.ts is a TorchScript archive .*not a checkpoint"):
+        check_network_checkpoint(network, str(tmp_path / "model.ts"))
+
+
+@pytest.mark.parametrize("name", ["image.nii.gz", "image.nii"])
+def test_nifti_given_as_checkpoint_is_refused_saying_what_it_is(tmp_path, name):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(tmp_path / name))
+    with pytest.raises(CheckpointMismatchError, match=rf"{name} is a NIfTI image, not a checkpoint"):
+        check_network_checkpoint(SeparableUNet(3, 4, channels=TINY), str(tmp_path / name))
+
+
 def test_atomic_writer_that_fails_keeps_the_previous_segmentation(tmp_path, monkeypatch):
     target = tmp_path / "case_seg.nii.gz"
     writer = AtomicNibabelWriter(output_dtype=np.uint8)
