@@ -15,6 +15,7 @@ from monai.data import MetaTensor, NibabelWriter
 from monai.transforms import MapTransform, Transform
 from scripts.atomic_files import atomic_path
 from scripts.brats_data import LABEL_MAPS
+from scripts.case_metadata import BRATS_LAYOUT, CASE_ID, EMPTY_BRAIN, SOURCE_FILES
 
 __all__ = [
     "OUTPUT_CONVENTIONS",
@@ -61,7 +62,7 @@ def internal_to_release(label: torch.Tensor, convention: str) -> torch.Tensor:
 
 def _case_meta(data: Mapping[Hashable, Any], key: Hashable, ref_key: Hashable) -> dict:
     for k in (ref_key, key):
-        if isinstance(data.get(k), MetaTensor) and "brats_layout" in data[k].meta:
+        if isinstance(data.get(k), MetaTensor) and BRATS_LAYOUT in data[k].meta:
             return data[k].meta
     return {}
 
@@ -135,7 +136,7 @@ class ToReleaseLabelsd(MapTransform):
         for key in self.key_iterator(d):
             if self.num_classes == 2:
                 continue
-            layout = _case_meta(d, key, self.ref_key).get("brats_layout", "internal")
+            layout = _case_meta(d, key, self.ref_key).get(BRATS_LAYOUT, "internal")
             convention = self.convention or (layout if layout in LABEL_MAPS else "internal")
             d[key] = internal_to_release(d[key], convention)
         return d
@@ -151,7 +152,7 @@ def case_name_formatter(metadict: dict, saver: Transform) -> dict:
     Returns:
         the keyword arguments of ``FolderLayout.filename``.
     """
-    return {"subject": str(metadict.get("case_id", getattr(saver, "_data_index", 0))), "idx": None}
+    return {"subject": str(metadict.get(CASE_ID, getattr(saver, "_data_index", 0))), "idx": None}
 
 
 def output_postfix(convention: str | None) -> str:
@@ -219,9 +220,9 @@ class OutsideBrainToBackgroundd(MapTransform):
         d = dict(data)
         image = d[self.ref_key]
         meta = _case_meta(d, next(iter(self.keys)), self.ref_key)
-        if bool(meta.get("empty_brain", False)):
+        if bool(meta.get(EMPTY_BRAIN, False)):
             message = (
-                f"case {meta.get('case_id', '?')}: every voxel of {meta.get('source_files', '?')} is 0 (empty brain "
+                f"case {meta.get(CASE_ID, '?')}: every voxel of {meta.get(SOURCE_FILES, '?')} is 0 (empty brain "
                 "volume); its segmentation is all background."
             )
             warnings.warn(message, UserWarning, stacklevel=2)
@@ -231,7 +232,7 @@ class OutsideBrainToBackgroundd(MapTransform):
             pred = d[key]
             if tuple(pred.shape[1:]) != tuple(brain.shape[1:]):
                 raise ValueError(
-                    f"case {meta.get('case_id', '?')}: prediction {key!r} has spatial shape {tuple(pred.shape[1:])}, "
+                    f"case {meta.get(CASE_ID, '?')}: prediction {key!r} has spatial shape {tuple(pred.shape[1:])}, "
                     f"the image {self.ref_key!r} {tuple(brain.shape[1:])}; mask it before changing its grid."
                 )
             d[key] = pred * brain.to(pred.device)

@@ -38,6 +38,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scripts.atomic_files import atomic_path
+from scripts.case_metadata import CASE_ID
 from scripts.checkpoints import CheckpointMismatchError, read_checkpoint, state_dict_fingerprint
 from scripts.fast_inference import BrainSliceInferer, brain_bounding_box
 from torch import nn
@@ -181,7 +182,7 @@ class TeacherSoftLabelsd(MapTransform):
         key = self.first_key(d)
         image = d[key]
         meta = image.meta if isinstance(image, MetaTensor) else {}
-        case_id = str(meta.get("case_id", "")) or hashlib.sha1(str(meta.get("filename_or_obj")).encode()).hexdigest()
+        case_id = str(meta.get(CASE_ID, "")) or hashlib.sha1(str(meta.get("filename_or_obj")).encode()).hexdigest()
         path = os.path.join(self.cache_dir, f"{case_id}.pt")
         fingerprint = self._fingerprint(image)
         record = self._read(path, fingerprint)

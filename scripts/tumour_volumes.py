@@ -28,6 +28,7 @@ from monai.transforms import MapTransform
 from scripts.atomic_files import atomic_path
 from scripts.brats_output import brain_mask
 from scripts.brats_regions import region_names, region_voxel_counts
+from scripts.case_metadata import CASE_ID
 
 __all__ = [
     "BRAIN_COLUMN",
@@ -186,7 +187,7 @@ class TumourVolumeReport:
         for data, output in zip(engine.state.batch, engine.state.output):
             pred = output.get(self.pred_key)
             meta = pred.meta if isinstance(pred, MetaTensor) else {}
-            case_id = str(data.get("case_id") or meta.get("case_id", "?"))
+            case_id = str(data.get("case_id") or meta.get(CASE_ID, "?"))
             self._report(case_id, str(meta.get("saved_to", "")), output[self.volumes_key])
 
     def _report(self, case_id: str, file: str, volumes: Mapping[str, float]) -> None:
