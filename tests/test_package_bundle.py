@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from scripts.separable_unet import SeparableUNet
-from tools.package_bundle import WEIGHTS, file_md5, package_bundle
+from tools.package_bundle import TORCHSCRIPT, WEIGHTS, file_md5, package_bundle
 from tools.synthetic_brats import write_synthetic_dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +108,8 @@ def test_release_zip_holds_the_runtime_only(released):
         names = sorted(archive.namelist())
     runtime = [p for folder in ("configs", "docs") for p in (source / folder).rglob("*") if p.is_file()]
     runtime += list((source / "scripts").glob("*.py")) + [source / "models" / "model.pt", source / "LICENSE"]
-    expected = [f"{NAME}/{p.relative_to(source).as_posix()}" for p in runtime] + [f"{NAME}/large_files.yml"]
+    expected = [f"{NAME}/{p.relative_to(source).as_posix()}" for p in runtime]
+    expected += [f"{NAME}/large_files.yml", f"{NAME}/{TORCHSCRIPT}"]
     assert names == sorted(expected)
     # no developer tool, test or build file, and of scripts/ only the modules (no caches, no other files)
     assert not [n for n in names if n.split("/")[1] in ("tools", "tests", "README.md", "pyproject.toml")]
@@ -151,8 +152,9 @@ def test_download_from_url_extracts_the_bundle_with_identical_files(released):
 def test_packaged_large_files_yml_records_the_md5_of_the_weights(released):
     bundle = released["bundle"]
     text = (bundle / "large_files.yml").read_text()
-    assert f'hash_val: "{file_md5(bundle / "models" / "model.pt")}"' in text
-    assert f'url: "https://example.org/release/v{VERSION}/model.pt"' in text
+    for weights in ("model.pt", "model.ts"):
+        assert f'hash_val: "{file_md5(bundle / "models" / weights)}"' in text
+        assert f'url: "https://example.org/release/v{VERSION}/{weights}"' in text
     # MONAI's own reader checks the md5 of the files already present (nothing is downloaded)
     from monai.bundle import download_large_files
 
@@ -182,12 +184,24 @@ def test_repository_large_files_yml_lists_the_weights_of_the_current_version():
     from monai.bundle import ConfigParser
 
     entries = ConfigParser.load_config_file(str(BUNDLE_ROOT / "large_files.yml"))["large_files"]
-    assert [entry["path"] for entry in entries] == list(WEIGHTS)
+    assert [entry["path"] for entry in entries] == [*WEIGHTS, TORCHSCRIPT]
     for entry in entries:
         assert entry["hash_type"] == "md5"
         assert entry["url"].endswith(f"/v{VERSION}/{Path(entry['path']).name}"), "large_files.yml lags the version"
 
 
+@pytest.mark.slow
+def test_released_torchscript_segments_as_the_packaged_checkpoint(released):
+    bundle = released["bundle"]
+    network = SeparableUNet(3, 4)
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", weights_only=True))
+    scripted = torch.jit.load(str(bundle / TORCHSCRIPT))
+    slices = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(slices), network.eval()(slices), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
 def test_teacher_checkpoint_is_packaged_with_its_md5_when_present(tmp_path):
     source = make_bundle_copy(tmp_path / "bundle")
     (source / "models" / "teacher.pt").write_bytes(b"stand-in teacher weights")
@@ -199,6 +213,7 @@ def test_teacher_checkpoint_is_packaged_with_its_md5_when_present(tmp_path):
     assert 'path: "models/teacher.pt"' in large_files
 
 
+@pytest.mark.slow
 def test_packaging_the_same_files_twice_gives_the_same_zip(tmp_path):
     source = make_bundle_copy(tmp_path / "bundle")
     _, first = package_bundle(tmp_path / "a", source, name=NAME)

@@ -2,9 +2,11 @@
 """Package the trained bundle as a MONAI Model Zoo release zip that ``python -m monai.bundle download`` accepts.
 
 The zip ``<output_dir>/<name>_v<version>.zip`` holds one top-level folder ``<name>/`` with ``configs/``,
-``scripts/`` (``*.py`` only), ``docs/``, ``models/`` (``model.pt``, and ``teacher.pt`` when present), ``LICENSE``
-and a ``large_files.yml`` recording the url and md5 of each packaged checkpoint: what the bundle runs, and none of
-the developer tools (``tools/``), tests or build files. MONAI's ``download --url``
+``scripts/`` (``*.py`` only), ``docs/``, ``models/`` (``model.pt``, its TorchScript export ``model.ts`` as Model
+Zoo bundles publish it, and ``teacher.pt`` when present), ``LICENSE`` and a ``large_files.yml`` recording the url
+and md5 of each packaged weights file: what the bundle runs, and none of the developer tools (``tools/``), tests or
+build files. ``model.ts`` is exported from ``model.pt`` while packaging, with ``monai.bundle ckpt_export`` and
+``configs/inference.json``, so it always holds the packaged weights. MONAI's ``download --url``
 saves the zip as ``<bundle_dir>/<name>.zip`` and extracts it into ``<bundle_dir>``, so the bundle lands in
 ``<bundle_dir>/<name>/`` (the layout ``--source github`` also expects of ``<name>_v<version>.zip`` assets).
 
@@ -24,19 +26,32 @@ import hashlib
 import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from scripts.atomic_files import atomic_path
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_NAME", "WEIGHTS", "file_md5", "large_files_yaml", "package_bundle"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "DEFAULT_NAME",
+    "TORCHSCRIPT",
+    "WEIGHTS",
+    "export_torchscript",
+    "file_md5",
+    "large_files_yaml",
+    "package_bundle",
+]
 
 DEFAULT_NAME = "brats_kd_segmentation"
 # Placeholder: replace OWNER with the GitHub account that publishes the release (or pass --base_url).
 DEFAULT_BASE_URL = "https://github.com/OWNER/brats_kd_segmentation/releases/download/v{version}"
 # checkpoints packaged from models/, and whether each is required
 WEIGHTS = {"models/model.pt": True, "models/teacher.pt": False}
+TORCHSCRIPT = "models/model.ts"  # exported from models/model.pt while packaging
 REQUIRED_FILES = ("configs/metadata.json", "LICENSE")
 _NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed timestamp: the zip's md5 depends on the files' content only
@@ -121,6 +136,7 @@ def package_bundle(
     Raises:
         ValueError: if ``name`` is not a plain folder name or ``version`` differs from the metadata's.
         FileNotFoundError: if ``models/model.pt``, ``configs/metadata.json`` or ``LICENSE`` is missing.
+        RuntimeError: if ``models/model.pt`` cannot be exported to TorchScript.
     """
     root = Path(bundle_root).resolve()
     if not _NAME_PATTERN.match(name):
@@ -144,23 +160,50 @@ def package_bundle(
     members += _files_under(root, "configs")
     members += _files_under(root, "scripts", suffix=".py")
     members += _files_under(root, "docs")
-    weights = [rel for rel in WEIGHTS if (root / rel).is_file()]
-    members += [(root / rel, rel) for rel in weights]
     members.append((root / "LICENSE", "LICENSE"))
-    url = base_url.format(version=version).rstrip("/")
-    entries = [
-        {"path": rel, "url": f"{url}/{Path(rel).name}", "hash_val": file_md5(root / rel), "hash_type": "md5"}
-        for rel in weights
-    ]
-
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    zip_path = output_dir / f"{name}_v{version}.zip"
-    with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
-        for path, arcname in sorted(members, key=lambda m: m[1]):
-            _write_member(archive, f"{name}/{arcname}", path.read_bytes())
-        _write_member(archive, f"{name}/large_files.yml", large_files_yaml(entries).encode())
+    with tempfile.TemporaryDirectory() as export_dir:
+        torchscript = Path(export_dir) / Path(TORCHSCRIPT).name
+        export_torchscript(root, torchscript)
+        weights = [(root / rel, rel) for rel in WEIGHTS if (root / rel).is_file()] + [(torchscript, TORCHSCRIPT)]
+        members += weights
+        url = base_url.format(version=version).rstrip("/")
+        entries = [
+            {"path": rel, "url": f"{url}/{Path(rel).name}", "hash_val": file_md5(path), "hash_type": "md5"}
+            for path, rel in weights
+        ]
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        zip_path = output_dir / f"{name}_v{version}.zip"
+        with atomic_path(zip_path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+            for path, arcname in sorted(members, key=lambda m: m[1]):
+                _write_member(archive, f"{name}/{arcname}", path.read_bytes())
+            _write_member(archive, f"{name}/large_files.yml", large_files_yaml(entries).encode())
     return zip_path, file_md5(zip_path)
+
+
+def export_torchscript(bundle_root: Path, filepath: Path) -> None:
+    """Export the bundle's ``models/model.pt`` to TorchScript, as the README's ``ckpt_export`` command does.
+
+    Args:
+        bundle_root: the bundle, whose ``configs/inference.json`` defines ``network_def``.
+        filepath: the TorchScript file to write (its name is also the archive's inner folder).
+
+    Raises:
+        RuntimeError: with MONAI's output, if the export fails.
+    """
+    command = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(filepath),
+        "--ckpt_file", str(bundle_root / "models" / "model.pt"),
+        "--meta_file", str(bundle_root / "configs" / "metadata.json"),
+        "--config_file", str(bundle_root / "configs" / "inference.json"), "--bundle_root", str(bundle_root),
+    ]  # fmt: skip
+    # TorchScript writes module constants in set order: a fixed hash seed makes the export, and the zip, reproducible
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    result = subprocess.run(command, cwd=bundle_root, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"TorchScript export of {bundle_root / 'models' / 'model.pt'} failed:\n{result.stderr[-4000:]}"
+        )
 
 
 def main(
