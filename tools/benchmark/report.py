@@ -102,9 +102,9 @@ def markdown_report(results: BenchmarkResults) -> str:
         f"({cached.dataset_build_s - student_alone.dataset_build_s:.1f} s more than for the student alone here), "
         f"then each epoch costs {results.training_over_student_alone('distillation_cached'):.2f}x the student alone "
         f"(online distillation: {results.training_over_student_alone('distillation_online'):.2f}x).",
-        "With unlabelled cases (as many as the labelled ones, their soft labels cached alike), a patch costs "
-        f"{results.patch_cost_over('distillation_cached_unlabelled', 'distillation_cached'):.2f}x a patch of cached "
-        "distillation on labelled cases alone.",
+        "With unlabelled cases (half of each epoch's cases, their soft labels cached alike), an epoch costs "
+        f"{results.patch_cost_over('distillation_cached_unlabelled', 'distillation_cached'):.2f}x an epoch of the "
+        "same number of labelled patches with cached soft labels.",
         "",
         f"| Distillation loss, one iteration ({next(iter(results.loss_terms.values())).batch} patches of "
         f"{results.training_patch_size}x{results.training_patch_size}, forward and backward) | s | peak memory (MiB) |",

@@ -61,14 +61,23 @@ TRAINING_MODES = {
 }
 
 
-def _unlabelled_copy(dataset_dir: str, folder: Path) -> Path:
-    """A folder of the dataset's cases as unlabelled cases: their image files linked under new case ids, no label."""
-    for case in find_cases(dataset_dir, require_label=False):
+def _linked_copy(dataset_dir: str, folder: Path, labelled: bool) -> Path:
+    """A folder of copies of the dataset's cases: their files linked under new case ids, with or without labels.
+
+    Labelled copies are linked beside the original cases, so that ``folder`` holds twice the cases; unlabelled ones
+    alone, as an ``unlabelled_dir``.
+    """
+    suffix = "copy" if labelled else "unlabelled"
+    for case in find_cases(dataset_dir, require_label=labelled):
         if case["layout"] == "msd":
-            raise ValueError("the unlabelled training benchmark needs a per-case-folder layout, not msd.")
-        case_id = f"{case['case_id']}unlabelled"
+            raise ValueError("the training benchmark needs a per-case-folder layout, not msd.")
+        case_id = f"{case['case_id']}{suffix}"
         separator = "_" if case["layout"] == "brats2020" else "-"
-        for path in case["image"]:
+        files = case["image"] + ([case["label"]] if labelled else [])
+        if labelled:
+            (folder / case["case_id"]).parent.mkdir(parents=True, exist_ok=True)
+            (folder / case["case_id"]).symlink_to(Path(case["image"][0]).parent, target_is_directory=True)
+        for path in files:
             name = Path(path).name
             link = folder / case_id / name.replace(f"{case['case_id']}{separator}", f"{case_id}{separator}", 1)
             link.parent.mkdir(parents=True, exist_ok=True)
@@ -108,8 +117,9 @@ def benchmark_training(
     validation), the distillation modes with a random-weight teacher checkpoint; the modes take turns epoch by epoch,
     so that the machine's drift hits all alike, and the first epoch is a warm-up. Building the training dataset is
     timed apart: in cached mode it includes the teacher's one pass per case. The mode with unlabelled cases trains on
-    the training cases and as many unlabelled ones (their image files linked under new case ids, no label), so its
-    epochs hold twice the patches.
+    the training cases and as many unlabelled ones (their image files linked under new case ids, no label); every
+    other mode on the training cases and as many labelled copies of them, so that every epoch holds the same number
+    of patches in batches of the same size.
 
     Args:
         bundle_root: the bundle root.
@@ -125,6 +135,7 @@ def benchmark_training(
         mode key -> its epochs.
     """
     teacher_ckpt = workdir / "teacher.pt"
+    doubled_dir = str(_linked_copy(dataset_dir, workdir / "labelled_copies", labelled=True))
     teacher_parser = load_config(bundle_configs(bundle_root, TEACHER_CONFIGS), bundle_root, dataset_dir)
     torch.save(teacher_parser.get_parsed_content("network_def").state_dict(), teacher_ckpt)
     trainers, timers, built = {}, {}, {}
@@ -147,9 +158,12 @@ def benchmark_training(
                 "soft_label_dir": str(workdir / key / "soft_labels"),
             }
         if mode.unlabelled:
-            overrides["unlabelled_dir"] = str(_unlabelled_copy(dataset_dir, workdir / key / "unlabelled"))
+            overrides["unlabelled_dir"] = str(_linked_copy(dataset_dir, workdir / key / "unlabelled", labelled=False))
         parser = load_config(
-            bundle_configs(bundle_root, mode.configs), bundle_root, dataset_dir, overrides | mode.overrides
+            bundle_configs(bundle_root, mode.configs),
+            bundle_root,
+            dataset_dir if mode.unlabelled else doubled_dir,
+            overrides | mode.overrides,
         )
         start = time.perf_counter()
         dataset = parser.get_parsed_content("train#dataset")
