@@ -20,7 +20,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from fire.parser import DefaultParseValue
 from monai.bundle import ConfigParser
 from monai.bundle import scripts as bundle_scripts
 from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS
@@ -61,6 +60,10 @@ def parse_run_command(argv: Sequence[str]) -> tuple[dict[str, Any], dict[str, An
     """
     if len(argv) < 2 or not os.path.normpath(argv[0]).endswith(_RUNNER) or argv[1] != "run":
         return None
+    # MONAI's runner needs python-fire, so it is there whenever this is a runner's command line; other processes
+    # (MONAI Label, the Model Zoo's unit tests, ConfigWorkflow from Python) need not have it
+    from fire.parser import DefaultParseValue
+
     tokens = list(argv[2:])
     if "--" in tokens:
         tokens = tokens[: tokens.index("--")]

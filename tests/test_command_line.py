@@ -69,3 +69,20 @@ def test_lower_case_boolean_of_a_boolean_id_is_refused_naming_the_spelling_that_
 
 def test_python_booleans_are_accepted():
     check_command_line([RUNNER, "run", "training", "--config_file", "configs/train.json", "--resume", "False"])
+
+
+def test_the_bundle_runs_its_configs_without_python_fire():
+    """MONAI Label and the Model Zoo's unit tests run the configs from Python, where python-fire need not exist."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['fire'] = None; sys.modules['fire.parser'] = None\n"  # import fire -> ImportError
+        "import importlib, pkgutil, scripts\n"
+        "for module in pkgutil.iter_modules(scripts.__path__): importlib.import_module(f'scripts.{module.name}')\n"
+        "from scripts.command_line import check_command_line\n"
+        "check_command_line(sys.argv)\n"  # not a runner's command line, as in MONAI Label: nothing to parse
+    )
+    bundle_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=bundle_root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
