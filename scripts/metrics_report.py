@@ -3,19 +3,16 @@
 
 from __future__ import annotations
 
-import csv
-import logging
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.data import MetaTensor
-from scripts.atomic_files import atomic_path
 from scripts.brats_regions import region_names, regions_to_labels
+from scripts.case_report import CaseReport
 from scripts.official_metrics import evaluate_case, metrics_table
 
 __all__ = ["BraTSMetricsReport", "case_metrics", "region_case_results", "format_table"]
@@ -70,7 +67,7 @@ def case_metrics(pred: torch.Tensor, label: torch.Tensor, regions: Sequence[str]
     return {name: value for name, value in row.items() if name != "case_id"}
 
 
-class BraTSMetricsReport:
+class BraTSMetricsReport(CaseReport):
     """Evaluator handler scoring each case with the official BraTS metrics, written as a CSV with summary rows.
 
     The evaluator's post-processed output must hold, per case, ``pred`` and ``label`` as region channels
@@ -92,26 +89,9 @@ class BraTSMetricsReport:
     def __init__(
         self, output_dir: str, num_classes: int, filename: str = "metrics.csv", name: str = "BraTSMetricsReport"
     ) -> None:
-        self.output_dir = output_dir
+        super().__init__(output_dir, filename, name)
         self.regions = region_names(num_classes)
-        self.filename = filename
-        self.logger = logging.getLogger(name)
         self.results: list[tuple[str, dict[str, dict[str, Any]]]] = []
-
-    def attach(self, engine: Engine) -> None:
-        """Register the handler's events on an evaluator.
-
-        Args:
-            engine: the evaluator.
-        """
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
-
-    @property
-    def path(self) -> str:
-        """Path of the CSV file."""
-        return os.path.join(self.output_dir, self.filename)
 
     def _reset(self, engine: Engine) -> None:
         self.results = []
@@ -141,11 +121,7 @@ class BraTSMetricsReport:
             raise RuntimeError("BraTSMetricsReport: the evaluation produced no case, nothing to report.")
         rows = metrics_table(dict(sorted(results)), self.regions)
         columns = list(rows[0])
-        os.makedirs(self.output_dir, exist_ok=True)
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
+        self._write_csv(columns, rows)
         self.logger.info("\n%s\nper-case metrics written to %s", format_table(rows, columns), self.path)
 
 

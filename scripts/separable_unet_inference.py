@@ -141,17 +141,7 @@ class SeparableUNetForInference(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Segment a batch of slices, as ``SeparableUNet.forward`` in eval mode.
-
-        Args:
-            x: images of shape (N, in_channels, H, W), H and W divisible by ``self.divisor``.
-
-        Returns:
-            logits of shape (N, out_channels, H, W).
-
-        Raises:
-            ValueError: if H or W is not divisible by ``self.divisor``.
-        """
+        """Segment a batch of slices as ``SeparableUNet.forward`` does in eval mode: same input, logits and errors."""
         check_divisible(x, self.divisor)
         projected_skips: list[torch.Tensor] = []
         for encoder, decoder in zip(self.encoders, reversed(self.decoders)):

@@ -13,22 +13,19 @@ neighbour) move voxels without resampling them, so the written segmentation cann
 
 from __future__ import annotations
 
-import csv
-import logging
-import os
 from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-from scripts.atomic_files import atomic_path
 from scripts.brats_output import brain_mask
 from scripts.brats_regions import region_names, region_voxel_counts
 from scripts.case_metadata import CASE_ID
+from scripts.case_report import CaseReport
 
 __all__ = [
     "BRAIN_COLUMN",
@@ -118,7 +115,7 @@ class TumourVolumesd(MapTransform):
         return d
 
 
-class TumourVolumeReport:
+class TumourVolumeReport(CaseReport):
     """Evaluator handler reporting the volumes of :class:`TumourVolumesd` for every segmentation written.
 
     For each case it logs one line (the case, its volumes and the file ``SaveImaged`` wrote, which
@@ -155,30 +152,13 @@ class TumourVolumeReport:
             raise ValueError(f"the tumour volume file must be a .csv, beside the segmentations; got {filename!r}.")
         if not 0.0 < max_tumour_share <= 1.0:
             raise ValueError(f"max_tumour_share must be in (0, 1], got {max_tumour_share}.")
-        self.output_dir = output_dir
+        super().__init__(output_dir, filename, name)
         self.columns = ["case_id", "file", *volume_columns(num_classes)]
-        self.filename = filename
         self.max_tumour_share = float(max_tumour_share)
         self.volumes_key = volumes_key
         self.pred_key = pred_key
-        self.logger = logging.getLogger(name)
         self.rows: list[dict[str, Any]] = []
         self.implausible: list[str] = []
-
-    @property
-    def path(self) -> str:
-        """Path of the CSV file."""
-        return os.path.join(self.output_dir, self.filename)
-
-    def attach(self, engine: Engine) -> None:
-        """Register the handler's events on the inference evaluator.
-
-        Args:
-            engine: the evaluator.
-        """
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
         self.rows, self.implausible = [], []
@@ -208,11 +188,8 @@ class TumourVolumeReport:
             )
 
     def _write(self, engine: Engine) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns)
-            writer.writeheader()
-            writer.writerows({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in r.items()} for r in self.rows)
+        rounded = ({k: f"{v:.3f}" if isinstance(v, float) else v for k, v in r.items()} for r in self.rows)
+        self._write_csv(self.columns, rounded)
         implausible = ""
         if self.implausible:
             named = ", ".join(self.implausible[:MAX_NAMED_CASES])

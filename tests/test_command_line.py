@@ -71,6 +71,7 @@ def test_python_booleans_are_accepted():
     check_command_line([RUNNER, "run", "training", "--config_file", "configs/train.json", "--resume", "False"])
 
 
+@pytest.mark.slow
 def test_the_bundle_runs_its_configs_without_python_fire():
     """MONAI Label and the Model Zoo's unit tests run the configs from Python, where python-fire need not exist."""
     import subprocess

@@ -65,8 +65,8 @@ def parsed(config_file) -> ConfigParser:
 
 def best_checkpoint_file(parser: ConfigParser) -> str:
     """File name under which the validation's key-metric ``CheckpointSaver`` writes the best network."""
-    [index] = [i for i, h in enumerate(parser["validate#handlers"]) if h.get("save_key_metric")]
-    return parser.get_parsed_content(f"validate#handlers#{index}#key_metric_filename")
+    [index] = [i for i, h in enumerate(parser["validate#checkpoint_handlers"]) if h.get("save_key_metric")]
+    return parser.get_parsed_content(f"validate#checkpoint_handlers#{index}#key_metric_filename")
 
 
 def shapes(network: torch.nn.Module) -> dict[str, tuple[int, ...]]:

@@ -195,6 +195,7 @@ def test_single_channel_file_not_named_like_brats_is_rejected(tmp_path):
     assert "scan.nii.gz is neither named like a BraTS sequence file" in str(error.value.__cause__)
 
 
+@pytest.mark.slow
 def test_challenge_convention_writes_what_the_official_command_line_scores(tmp_path, make_brats_folder):
     bundle = constant_student(tmp_path / "bundle", 3)  # enhancing tumour everywhere
     data = make_brats_folder(tmp_path / "brats2023", "brats2023", num_cases=2)

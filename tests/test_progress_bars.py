@@ -6,10 +6,10 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import pytest
 import torch
 from monai.bundle import ConfigParser
 from monai.engines import SupervisedEvaluator
+from monai.handlers import CheckpointSaver
 from torch import nn
 
 from scripts.progress_bars import EvaluationProgressBar
@@ -31,20 +31,28 @@ def test_a_validation_during_training_shows_its_cases_not_a_count_of_validations
     assert bar.pbar is None  # closed when the validation ended
 
 
-def validation_bar(config_file: list[str], handlers: str, main_process: bool) -> EvaluationProgressBar | None:
-    """The progress bar among a config's validation handlers, as one process of a run instantiates it."""
+def validation_bar(main_process: bool) -> EvaluationProgressBar | None:
+    """The progress bar among the validation's log handlers, as one process of a run instantiates it."""
     parser = ConfigParser()
-    parser.read_config(config_file)
+    parser.read_config(TRAIN)
     parser["main_process"] = main_process
+    handlers = "validate#log_handlers"
     [index] = [i for i, h in enumerate(parser[handlers]) if h["_target_"].endswith("EvaluationProgressBar")]
     return parser.get_parsed_content(f"{handlers}#{index}")
 
 
-@pytest.mark.parametrize(
-    "config_file, handlers, desc",
-    [(TRAIN, "validate#handlers", "validation"), (DISTILL, "validate_teacher#handlers", "teacher validation")],
-)
-def test_validation_bars_are_shown_by_the_main_process_alone(config_file, handlers, desc):
-    assert validation_bar(config_file, handlers, main_process=True).tqdm_kwargs["desc"] == desc
+def test_validation_bars_are_shown_by_the_main_process_alone():
+    assert validation_bar(main_process=True).tqdm_kwargs["desc"] == "validation"
     # another process of a torchrun run (configs/multi_gpu_train.json: main_process is rank 0 alone)
-    assert validation_bar(config_file, handlers, main_process=False) is None
+    assert validation_bar(main_process=False) is None
+
+
+def test_the_teacher_validation_logs_as_the_students_and_saves_no_checkpoint():
+    parser = ConfigParser()
+    parser.read_config(DISTILL)
+    assert parser["validate_teacher#evaluator#val_handlers"] == "@validate#log_handlers"
+    log_handlers = parser.get_parsed_content("validate#log_handlers")
+    assert not any(isinstance(handler, CheckpointSaver) for handler in log_handlers)  # never saves the teacher
+    student_handlers = parser.get_parsed_content("validate#handlers")
+    assert student_handlers[: len(log_handlers)] == log_handlers
+    assert isinstance(student_handlers[-1], CheckpointSaver)  # the student's best checkpoint, model.pt
