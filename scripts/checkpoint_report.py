@@ -35,9 +35,11 @@ class CheckpointReport:
     the two files the run writes: ``best_ckpt`` (the network at its best validation, written by the validation's
     key-metric saver) and ``last_ckpt`` (the run's state after every epoch, for ``--resume True``). Without
     ``resume``, a warning names each of them that already exists, with its modification time: the run replaces it
-    (the best at the first validation, the last after the first epoch). With ``resume``, it says which epoch the
-    run continues from and which best it has to beat. When the trainer completes it logs the best value of the
-    evaluator's key metric, its epoch and both paths (or that no validation ran, so no best checkpoint was written).
+    (the best at the first validation, the last after the first epoch); a run continued in the same process
+    (``run()`` again after ``max_epochs`` was raised) writes its own files and is not reported again. With
+    ``resume``, it says which epoch the run continues from and which best it has to beat. When the trainer completes
+    it logs the best value of the evaluator's key metric, its epoch and both paths (or that no validation ran, so no
+    best checkpoint was written).
 
     Args:
         best_ckpt: the best network's file, e.g. ``models/model.pt``.
@@ -82,6 +84,8 @@ class CheckpointReport:
         Args:
             engine: the trainer.
         """
+        if not self.resume and engine.state.epoch > 0:
+            return  # the same run continued in this process (ignite's run() after max_epochs was raised): its files
         if self.resume:
             best = self._best()
             to_beat = f"{self._metric} {best[0]:.4f} of epoch {best[1]}" if best else "no validation yet"

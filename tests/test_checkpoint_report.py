@@ -58,6 +58,18 @@ def test_training_start_names_both_checkpoints_and_warns_about_each_existing_one
     assert warning.startswith(f"{tmp_path / 'model.pt'} exists (modified ") and "replaces it" in warning
 
 
+def test_a_run_continued_in_the_same_process_does_not_warn_about_its_own_checkpoints(tmp_path, report_log):
+    trainer = Engine(lambda engine, batch: None)
+    evaluator = Engine(lambda engine, batch: None)
+    CheckpointReport(str(tmp_path / "model.pt"), str(tmp_path / "model_last.pt"), evaluator).attach(trainer)
+    trainer.run([0], max_epochs=1)
+    (tmp_path / "model_last.pt").write_bytes(b"written by epoch 1 of this run")
+    trainer.state.max_epochs = 2
+    trainer.run()  # ignite continues the same run for one more epoch, as the benchmark's training job does
+    assert not [w for w in messages(report_log, logging.WARNING) if " exists (modified " in w]
+    assert len([m for m in messages(report_log, logging.INFO) if m.startswith("this run writes")]) == 1
+
+
 def test_resumed_training_says_it_continues_and_warns_about_nothing(tmp_path, report_log):
     for name in ("model.pt", "model_last.pt"):
         (tmp_path / name).write_bytes(b"a run's checkpoint")
