@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from scripts.atomic_files import atomic_path
 __all__ = ["CaseReport"]
 
 
-class CaseReport:
+class CaseReport(ABC):
     """An evaluator handler that starts afresh with each run, collects each iteration's cases and writes a CSV at
     its end.
 
@@ -49,14 +50,17 @@ class CaseReport:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._write)
 
+    @abstractmethod
     def _reset(self, engine: Engine) -> None:
-        raise NotImplementedError
+        """Start afresh (``EPOCH_STARTED``)."""
 
+    @abstractmethod
     def _collect(self, engine: Engine) -> None:
-        raise NotImplementedError
+        """Collect the iteration's cases (``ITERATION_COMPLETED``)."""
 
+    @abstractmethod
     def _write(self, engine: Engine) -> None:
-        raise NotImplementedError
+        """Write the CSV (``EPOCH_COMPLETED``)."""
 
     def _write_csv(self, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
         """Write ``rows`` under a header of ``columns`` to :attr:`path`, atomically.
