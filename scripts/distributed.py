@@ -2,10 +2,11 @@
 """One process per GPU (``torchrun``): the process group, each process's share of the cases, and its checks.
 
 Used by the ``configs/multi_gpu_*.json`` overrides. Every process joins the group with
-:func:`init_process_group`; each training process caches and trains on its own share of the training cases
-(:class:`PartitionedCacheDataset`), so the volumes, and with ``soft_labels`` ``cached`` the teacher's soft labels, are
-loaded and computed once per share instead of once per process; validation and evaluation cases are spread by
-MONAI's ``DistributedSampler`` after :func:`check_cases_per_process` has made sure every process gets one.
+:func:`init_process_group` and leaves it with :func:`close_process_group`; each training process caches and trains
+on its own share of the training cases (:class:`PartitionedCacheDataset`), so the volumes, and with ``soft_labels``
+``cached`` the teacher's soft labels, are loaded and computed once per share instead of once per process; validation
+and evaluation cases are spread by MONAI's ``DistributedSampler`` after :func:`check_cases_per_process` has made
+sure every process gets one.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from monai.data import CacheDataset, partition_dataset
 
-__all__ = ["PartitionedCacheDataset", "check_cases_per_process", "init_process_group"]
+__all__ = ["PartitionedCacheDataset", "check_cases_per_process", "close_process_group", "init_process_group"]
 
 
 def init_process_group(device: torch.device) -> None:
@@ -39,6 +40,17 @@ def init_process_group(device: torch.device) -> None:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     idist.sync()
+
+
+def close_process_group() -> None:
+    """Leave the process group once every process is done (the configs' ``finalize``); nothing outside one.
+
+    The barrier comes first: a process that destroys the group while another is still saving its checkpoints makes
+    that one abort at exit (``terminate called without an active exception``, seen with 2 gloo processes).
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _world() -> tuple[int, int]:

@@ -12,7 +12,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from scripts.distributed import PartitionedCacheDataset, check_cases_per_process, init_process_group
+from scripts.distributed import (
+    PartitionedCacheDataset,
+    check_cases_per_process,
+    close_process_group,
+    init_process_group,
+)
 
 
 def _free_port() -> int:
@@ -34,10 +39,10 @@ def _worker(rank: int, port: int, results: dict) -> None:
             error = ""
         except ValueError as e:
             error = str(e)
-        dist.barrier()
         results[rank] = {"share": [share[i] for i in range(len(share))], "error": error}
     finally:
-        dist.destroy_process_group()
+        close_process_group()  # waits for the other process, then leaves the group
+    results[f"closed {rank}"] = not dist.is_initialized()
 
 
 @pytest.mark.slow
@@ -50,6 +55,7 @@ def test_each_process_caches_its_own_equally_long_share_and_too_few_cases_are_na
     assert results[1]["share"] == [1, 3, 0]  # evened out by repeating the first case
     for rank in (0, 1):
         assert results[rank]["error"].startswith("the validation split has 1 case(s) for 2 processes")
+        assert results[f"closed {rank}"]  # both left the group
 
 
 def test_outside_a_process_group_the_dataset_holds_every_case():
@@ -58,3 +64,8 @@ def test_outside_a_process_group_the_dataset_holds_every_case():
     assert [dataset[i] for i in range(3)] == [0, 1, 2]
     with pytest.raises(ValueError, match="the training split has 0 case"):
         PartitionedCacheDataset([], transform=None)
+
+
+def test_closing_outside_a_process_group_does_nothing():
+    close_process_group()
+    assert not dist.is_initialized()
